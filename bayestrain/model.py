@@ -176,7 +176,8 @@ def _branch_attention(q, k, v, pk, pv, see_prefix):
     s_pre = (q @ pk.transpose(-1, -2)) * scale  # (B, H, N, T)
     s_pre = s_pre.masked_fill(~see_prefix, float("-inf"))
     s_self = (q * k).sum(-1, keepdim=True) * scale  # (B, H, N, 1)
-    w = torch.softmax(torch.cat([s_pre, s_self], -1).float(), -1).to(q.dtype)
+    s = torch.cat([s_pre, s_self], -1)
+    w = torch.softmax(s.to(torch.promote_types(s.dtype, torch.float32)), -1).to(q.dtype)
     return w[..., :-1] @ pv + w[..., -1:] * v  # (B, H, N, D)
 
 
