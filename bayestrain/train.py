@@ -48,9 +48,10 @@ def train(cfg: DictConfig) -> dict:
     module = BayesLitModule(
         objs["model"], objs["task"], objs["conditions"], optimizer=instantiate(cfg.optimizer), seed=cfg.seed
     )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # a group entry set to null (e.g. callbacks.progress=null) switches it off
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(ConfigSnapshot(OmegaConf.to_container(cfg, resolve=True)))
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values()]
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     trainer.fit(module, datamodule=objs["datamodule"], ckpt_path=cfg.get("ckpt_path"))

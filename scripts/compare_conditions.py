@@ -1,0 +1,66 @@
+"""Side by side: the same model, budget and seed trained with and without the Bayes
+conditions, each beside the exact Bayes predictor on the same validation set.
+
+    .venv/bin/python scripts/compare_conditions.py                     # default budget
+    .venv/bin/python scripts/compare_conditions.py --steps 50 --tiny  # smoke test
+    .venv/bin/python scripts/compare_conditions.py --conditions none sequence martingale
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from bayestrain.report import summary_table
+from bayestrain.train import train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def run(condition: str, overrides: list[str], out: Path) -> tuple[dict, float]:
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("train", overrides=[f"condition={condition}", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        del cfg.hydra
+    start = time.perf_counter()
+    result = train(cfg)
+    return result["summary"], time.perf_counter() - start
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--conditions", nargs="+", default=["none", "sequence"])
+    ap.add_argument("--task", default="dirichlet")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="a tiny model and data (smoke test)")
+    args = ap.parse_args(argv)
+    overrides = [f"task={args.task}", f"trainer.max_steps={args.steps}", f"seed={args.seed}",
+                 f"trainer.val_check_interval={max(1, min(250, args.steps))}", "logger=none",
+                 "callbacks.progress=null"]
+    if args.tiny:
+        overrides += ["data.batch_size=16", "data.seq_len=8", "data.val_size=32", "data.train_batches_per_epoch=10",
+                      "model.d_model=16", "model.n_layers=1", "model.n_heads=2"]
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for cond in args.conditions:
+            summary, secs = run(cond, overrides, Path(tmp) / cond)
+            rows[f"condition={cond} ({secs:.0f}s)"] = summary["model"]
+            rows["exact Bayes"] = summary["exact Bayes"]
+    rows["exact Bayes"] = rows.pop("exact Bayes")  # last row
+    print(summary_table(rows, title=f"{args.task}, {args.steps} steps, seed {args.seed}: validation set"))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

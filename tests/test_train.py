@@ -1,0 +1,149 @@
+"""The real conf/ composes and instantiates; short real training runs for every condition
+option; resume; bad input fails before training with a message naming the key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from bayestrain.train import build, train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TINY = [
+    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+    "data.batch_size=8", "data.seq_len=8", "data.val_size=16", "data.train_batches_per_epoch=4",
+    "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "callbacks.progress=null",
+]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def make_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train"):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        del cfg.hydra
+    return cfg
+
+
+@pytest.mark.parametrize("group", ["task", "model", "condition", "optimizer", "data", "trainer", "logger", "callbacks"])
+def test_every_group_option_composes_and_instantiates(tmp_path, group):
+    for option in options(group):
+        cfg = make_cfg(tmp_path, [f"{group}={option}"])
+        objs = build(cfg)
+        assert objs["model"].vocab_size == objs["task"].vocab_size
+        if group == "trainer":
+            cfg.trainer.accelerator = "cpu"
+            instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        elif group in ("logger", "callbacks"):
+            for node in (cfg.get(group) or {}).values():
+                assert instantiate(node) is not None
+
+
+def test_every_experiment_composes(tmp_path):
+    for option in options("experiment"):
+        build(make_cfg(tmp_path, [f"experiment={option}"]))
+
+
+@pytest.mark.parametrize("condition", options("condition"))
+def test_short_training_run_for_each_condition(tmp_path, condition):
+    cfg = make_cfg(tmp_path, TINY + [f"condition={condition}", "logger=csv"])
+    result = train(cfg)
+    val = result["val"]
+    martingale = "martingale_l2" if condition == "martingale_l2" else "martingale"
+    for key in ["val/nll", "val/ece", "val/mce", "val/brier", "val/acc", "val/bayes_gap_bits",
+                "val/violation/exchangeability", f"val/violation/{martingale}", "train/loss_task_epoch",
+                "train/loss_total_epoch"]:
+        assert key in val and val[key] == val[key], key  # present and not NaN
+    for name in cfg.condition:
+        assert f"train/violation/{name}_epoch" in val, name
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "val_reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = result["summary"]
+    assert rows["exact Bayes"]["bayes_gap_bits"] < 1e-9
+    assert abs(rows["exact Bayes"][f"violation/{martingale}"]) < 1e-9
+    assert rows["model"]["bayes_gap_bits"] > rows["exact Bayes"]["bayes_gap_bits"]
+
+
+def test_wandb_offline_run_logs_metrics_and_image(tmp_path):
+    cfg = make_cfg(tmp_path, TINY + ["logger=wandb"])
+    train(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs  # one W&B run per job
+    media = list(runs[0].rglob("*.png"))
+    assert media, "the reliability diagram reaches W&B as an image"
+
+
+def test_resume_continues_from_the_same_step(tmp_path):
+    first = make_cfg(tmp_path / "a", TINY + ["logger=none", "summary=false"])
+    train(first)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    second = make_cfg(tmp_path / "b", TINY + ["logger=csv", "summary=false", "trainer.max_steps=6", f"ckpt_path={ckpt}"])
+    train(second)
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 6
+    import csv
+
+    rows = list(csv.DictReader(open(next((tmp_path / "b" / "csv").rglob("metrics.csv")))))
+    steps = sorted({int(r["step"]) for r in rows if r.get("train/loss_task_step")})
+    assert steps and min(steps) >= 4, steps  # no step was trained twice
+
+
+def test_vocabulary_mismatch_is_refused(tmp_path):
+    cfg = make_cfg(tmp_path, ["model.vocab_size=5"])
+    with pytest.raises(ValueError, match="model.vocab_size=5 does not match task.vocab_size=8"):
+        build(cfg)
+
+
+def test_markov_refuses_sequence_conditions_before_training(tmp_path):
+    cfg = make_cfg(tmp_path, TINY + ["task=markov", "logger=none"])
+    with pytest.raises(ValueError, match="exchangeable.*condition=none"):
+        train(cfg)
+    train(make_cfg(tmp_path, TINY + ["task=markov", "condition=none", "logger=none", "summary=false"]))
+
+
+def test_unknown_choices_and_keys_are_named(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="(?s)task/nope.*Available options.*dirichlet"):
+        make_cfg(tmp_path, ["task=nope"])
+    with pytest.raises(ConfigCompositionException, match="(?s)condition/strict.*martingale"):
+        make_cfg(tmp_path, ["condition=strict"])
+    with pytest.raises(ConfigCompositionException, match="model.widht"):
+        make_cfg(tmp_path, ["model.widht=3"])
+    with pytest.raises(ValueError, match="layout='diagonal'"):
+        build(make_cfg(tmp_path, ["model.layout=diagonal"]))
+
+
+def test_command_line_entry_points(tmp_path):
+    """The console entry points as a user runs them: train a few steps, then evaluate."""
+    run = tmp_path / "run"
+    env = {"WANDB_MODE": "offline", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    subprocess.run(
+        [sys.executable, "-m", "bayestrain.train", *TINY, "logger=none", f"hydra.run.dir={run}"],
+        check=True, env=env, capture_output=True, text=True,
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "bayestrain.evaluate", f"ckpt_path={run}/checkpoints/last.ckpt",
+         f"hydra.run.dir={tmp_path / 'eval'}"],
+        check=True, env=env, capture_output=True, text=True,
+    ).stdout
+    assert "exact Bayes" in out and "bayes gap" in out
+    assert (tmp_path / "eval" / "val_reliability.png").is_file()
+    bad = subprocess.run([sys.executable, "-m", "bayestrain.evaluate", f"ckpt_path={tmp_path}/missing.ckpt"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "missing.ckpt" in bad.stderr + bad.stdout
