@@ -14,6 +14,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from bayestrain.config import register_schemas
+
+register_schemas()
 os.environ.setdefault("WANDB_MODE", "offline")  # no API key here: never block on a login
 os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -125,6 +125,10 @@ def test_unknown_choices_and_keys_are_named(tmp_path):
         make_cfg(tmp_path, ["condition=strict"])
     with pytest.raises(ConfigCompositionException, match="model.widht"):
         make_cfg(tmp_path, ["model.widht=3"])
+    with pytest.raises(ConfigCompositionException, match="(?s)abc.*model.d_model"):
+        make_cfg(tmp_path, ["model.d_model=abc"])
+    with pytest.raises(ConfigCompositionException, match="(?s)seed"):
+        make_cfg(tmp_path, ["seed=one"])
     with pytest.raises(ValueError, match="layout='diagonal'"):
         build(make_cfg(tmp_path, ["model.layout=diagonal"]))
 

@@ -1,6 +1,18 @@
 """The Bayes conditions (DESIGN.md section 2): functions returning a ViolationState, and
 condition objects with a mode."""
 from bayestrain.conditions.base import MODES, Condition, ConditionInput, ViolationState
+from bayestrain.conditions.block import (
+    PRIOR_NAMES,
+    STATIONARY_TELEPORT,
+    PriorConsistency,
+    Reversibility,
+    causal_uniform_prior,
+    prior_consistency_violation,
+    reversibility_violation,
+    stationary_law,
+    tie_fused_qkv_,
+    tie_qk_,
+)
 from bayestrain.conditions.sequence import (
     Exchangeability,
     Martingale,
@@ -19,4 +31,14 @@ __all__ = [
     "exchangeability_violation",
     "joint_logp",
     "martingale_violation",
+    "PRIOR_NAMES",
+    "STATIONARY_TELEPORT",
+    "PriorConsistency",
+    "Reversibility",
+    "causal_uniform_prior",
+    "prior_consistency_violation",
+    "reversibility_violation",
+    "stationary_law",
+    "tie_fused_qkv_",
+    "tie_qk_",
 ]
