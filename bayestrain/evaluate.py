@@ -63,7 +63,7 @@ def evaluate(ckpt_path: str, split: str = "val", max_batches: int | None = None,
             ev.update(predictor, x, generator=torch.Generator().manual_seed(seed + i))
         rows[name] = {k: float(v) for k, v in ev.compute().items()}
         if name == "model":
-            fig = reliability_diagram(ev.reliability.compute(), title=f"{split} reliability")
+            fig = reliability_diagram(ev.calibration.reliability.compute(), title=f"{split} reliability")
             save_figure(fig, out_dir / f"{split}_reliability.png")
     print(summary_table(rows, title=f"{Path(ckpt_path).name}: {split} split"))
     (out_dir / f"{split}_metrics.json").write_text(json.dumps(rows, indent=2))

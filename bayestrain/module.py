@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bayestrain.conditions import Condition, ConditionInput, Exchangeability, Martingale
-from bayestrain.metrics import BayesGapBits, CalibrationMetrics, ReliabilityBins
+from bayestrain.metrics import BayesGapBits, CalibrationMetrics
 from bayestrain.tasks import WindTunnel
 
 
@@ -35,8 +35,7 @@ class Evaluator(nn.Module):
         super().__init__()
         self.task = task
         self.conditions = dict(conditions or {})
-        self.calibration = CalibrationMetrics(vocab_size, n_bins=n_bins)
-        self.reliability = ReliabilityBins(n_bins=n_bins)
+        self.calibration = CalibrationMetrics(vocab_size, n_bins=n_bins)  # with .reliability bins
         self.gap = BayesGapBits()
         self.violations = nn.ModuleDict({n: _Mean() for n in self.conditions})
 
@@ -46,7 +45,6 @@ class Evaluator(nn.Module):
             logp = predictor(x)
         flat, target = logp.flatten(0, 1), x.flatten()
         self.calibration.update(flat, target)
-        self.reliability.update(flat, target)
         if self.task is not None and hasattr(self.task, "posterior_predictive"):
             self.gap.update(logp, self.task.posterior_predictive(x).to(logp.device))
         for name, cond in self.conditions.items():
@@ -63,7 +61,7 @@ class Evaluator(nn.Module):
 
     def reset(self) -> None:
         self.calibration.reset()
-        self.reliability.reset()
+        self.calibration.reliability.reset()
         self.gap.reset()
         for m in self.violations.values():
             m.reset()
@@ -237,7 +235,7 @@ class BayesLitModule(pl.LightningModule):
     def _log_eval(self, stage: str, ev: Evaluator) -> None:
         values = ev.compute()
         self.log_dict({f"{stage}/{k}": v.float() for k, v in values.items()}, prog_bar=False)
-        self.last_reliability = ev.reliability.compute()
+        self.last_reliability = ev.calibration.reliability.compute()
         ev.reset()
 
     def on_validation_epoch_end(self) -> None:

@@ -239,7 +239,7 @@ def test_causal_uniform_is_the_key_marginal_of_uniform_causal_attention():
     # the formula itself, written out: pi_j = (1/N) sum_{i >= j} 1/(i+1)
     for b, n in enumerate(lengths):
         pi = [sum(1 / (i + 1) for i in range(j, n)) / n for j in range(n)]
-        mu = attn[b, 0, :n].mean(0)
+        mu = attn[b, 0, :n, :n].mean(0)
         torch.testing.assert_close(mu, torch.tensor(pi, dtype=F64), atol=1e-15, rtol=0)
     # and a uniform prior is not met by it
     assert prior_consistency_violation(attn, prior="uniform", key_mask=key_mask).value > 1e-2
