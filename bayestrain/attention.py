@@ -56,13 +56,15 @@ def attention_masks(
     attn_mask: Tensor | None = None,
     log_query_weights: Tensor | None = None,
     log_prior: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Resolve the masks and the log laws of queries and keys.
 
     Returns ``allowed: Bool[B, *, Q, K]`` (query ``i`` may see key ``j``), ``row_valid:
     Bool[B, *, Q]`` (a non-padded query), ``log_rho: [B, *, Q]`` and ``log_pi: [B, *, K]``
     (``*`` is 1 or H).  Default ``rho`` is uniform over the valid queries; default ``pi`` is
-    uniform over the keys that some query with ``rho_i > 0`` can see.
+    uniform over the keys that some query with ``rho_i > 0`` can see.  The laws are returned in
+    ``dtype`` (the potentials' working precision: float32 or wider).
     """
     allowed = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool, device=device)
     if attn_mask is not None:
@@ -86,17 +88,17 @@ def attention_masks(
 
     if log_query_weights is None:
         n_q = row_valid.sum(-1, keepdim=True).clamp_min(1)
-        log_rho = torch.where(row_valid, -torch.log(n_q.to(torch.float32)), _NEG_INF)
+        log_rho = torch.where(row_valid, -torch.log(n_q.to(dtype)), _NEG_INF)
     else:
-        log_rho = _as_bhx(log_query_weights, batch).float().masked_fill(~row_valid, _NEG_INF)
+        log_rho = _as_bhx(log_query_weights, batch).to(dtype).masked_fill(~row_valid, _NEG_INF)
 
     # keys that a query carrying mass can see: only those can carry prior mass
     seen = (allowed & (log_rho > _NEG_INF)[..., None]).any(-2)  # (B, *, K)
     if log_prior is None:
         n_k = seen.sum(-1, keepdim=True).clamp_min(1)
-        log_pi = torch.where(seen, -torch.log(n_k.to(torch.float32)), _NEG_INF)
+        log_pi = torch.where(seen, -torch.log(n_k.to(dtype)), _NEG_INF)
     else:
-        log_pi = _as_bhx(log_prior, batch).float().masked_fill(~seen, _NEG_INF)
+        log_pi = _as_bhx(log_prior, batch).to(dtype).masked_fill(~seen, _NEG_INF)
     return allowed, row_valid, log_rho, log_pi
 
 
@@ -153,11 +155,11 @@ def _torch_attention(
 ):
     B, H, Q, D = q.shape
     K = k.shape[-2]
-    allowed, row_valid, log_rho, log_pi = attention_masks(
-        B, Q, K, q.device, key_padding_mask, attn_mask, log_query_weights, log_prior
-    )
     # potentials in float32 or wider whatever the input precision
     work = torch.promote_types(q.dtype, torch.float32)
+    allowed, row_valid, log_rho, log_pi = attention_masks(
+        B, Q, K, q.device, key_padding_mask, attn_mask, log_query_weights, log_prior, dtype=work
+    )
     scores = (q.to(work) @ k.to(work).transpose(-1, -2)) / math.sqrt(D)  # (B, H, Q, K)
     g = g_fn(scores, allowed, log_rho, log_pi)
     log_a = _row_normalised_log_weights(scores + g[..., None, :], allowed, row_valid)

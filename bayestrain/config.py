@@ -27,6 +27,7 @@ class ModelSchema:
     tied_qk: bool = False
     residual: str = "plain"
     backend: str = "auto"
+    prior: Any = "uniform"
 
 
 @dataclass

@@ -89,6 +89,8 @@ class _Ctx:
     past: list | None = None  # per-layer (k, v) to prepend (causal branches)
     cache: list = field(default_factory=list)  # filled with per-layer (k, v) when asked
     want_cache: bool = False
+    log_prior: Tensor | None = None  # [B, K] Sinkhorn prior over keys (None = uniform)
+    residuals: list = field(default_factory=list)  # per-layer Sinkhorn KL(pi || mu): [B, H]
 
 
 class Norm(nn.Module):
@@ -136,10 +138,11 @@ class SelfAttention(nn.Module):
             out = _branch_attention(q, k, v, *ctx.past[layer], ctx.allowed)
         elif self.attention == "sinkhorn":
             out, kl, w = sinkhorn_attention(
-                q, k, v, log_query_weights=ctx.log_rho, attn_mask=ctx.allowed,
+                q, k, v, log_prior=ctx.log_prior, log_query_weights=ctx.log_rho, attn_mask=ctx.allowed,
                 n_iters=self.n_iters, backend=self.backend, return_residual=True,
                 return_weights=True,
             )  # (B, H, Q, D), (B, H), (B, H, Q, K)
+            ctx.residuals.append(kl)
             self._record(trace, w, kl, ctx)
         elif ctx.return_attn is None:  # fast path: no weights needed
             mask = None if causal else _sdpa_safe(ctx.allowed)
@@ -228,6 +231,7 @@ class ModelOutput:
     logp: Tensor  # (B, T, V) float32 log-predictives
     attn: AttentionTrace | None = None
     cache: list | None = None  # causal: per-layer (k, v) of [BOS, x_0..x_{T-2}]
+    residual: Tensor | None = None  # Sinkhorn: mean final KL(pi || mu) over layers, heads, batch
 
 
 class BayesTransformer(nn.Module):
@@ -247,6 +251,7 @@ class BayesTransformer(nn.Module):
         tied_qk: bool = False,
         residual: str = "plain",
         backend: str = "auto",
+        prior: str | list[float] = "uniform",
     ):
         super().__init__()
         for name, value, choices in [
@@ -271,6 +276,21 @@ class BayesTransformer(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"BayesTransformer: dropout must be in [0, 1), got {dropout}")
+        # Sinkhorn prior over key *positions*: "uniform" over the visible context, or fixed
+        # weights [max_len] (renormalised over each context's visible keys: the declared prior
+        # conditioned on the context length, never on the tokens)
+        if isinstance(prior, str):
+            if prior != "uniform":
+                raise ValueError(f"BayesTransformer: prior={prior!r} must be 'uniform' or a list of {max_len} weights")
+            self.register_buffer("log_prior", None)
+        else:
+            w = torch.as_tensor(list(prior), dtype=torch.float32)
+            if w.shape != (max_len,) or (w <= 0).any():
+                raise ValueError(
+                    f"BayesTransformer: a fixed prior must be {max_len} positive weights (one per key "
+                    f"position up to max_len), got shape {tuple(w.shape)}"
+                )
+            self.register_buffer("log_prior", w.log())
         self.vocab_size, self.layout, self.attention = vocab_size, layout, attention
         self.max_len, self.pos_encoding = max_len, pos_encoding
         self.bos, self.query = vocab_size, vocab_size + 1  # special tokens after the data
@@ -360,13 +380,18 @@ class BayesTransformer(nn.Module):
         n_ctx = (cut + 1).to(torch.float32)
         log_rho = torch.where(in_ctx, -torch.log(n_ctx)[:, None], float("-inf"))  # (B, L)
         pos = torch.where(is_query, cut[:, None] + 1, idx[None, :].expand(B, L))
-        ctx = _Ctx(allowed=allowed[:, None], log_rho=log_rho, pos=pos, return_attn=return_attn)
+        log_prior = None
+        if self.log_prior is not None:
+            lp = self.log_prior[:L].masked_fill(~in_ctx, float("-inf"))  # (B, L)
+            log_prior = lp - torch.logsumexp(lp, -1, keepdim=True)
+        ctx = _Ctx(allowed=allowed[:, None], log_rho=log_rho, pos=pos, return_attn=return_attn, log_prior=log_prior)
         trace = None
         if return_attn is not None:
             trace = AttentionTrace(return_attn, self.layout)
             trace.log_rho, trace.key_mask = log_rho, in_ctx
         logp = self._trunk(self._embed(tokens, pos), ctx, trace)
-        return ModelOutput(logp[:, T:], trace)  # (B, 1, V): the QUERY token's predictive
+        residual = torch.stack(ctx.residuals).mean() if ctx.residuals else None
+        return ModelOutput(logp[:, T:], trace, residual=residual)  # (B, 1, V): the QUERY token's predictive
 
     # -- branches: the predictive after appending a candidate, prefix computed once ----------
     def branch_logp(self, x: Tensor, t: int, y: Tensor) -> Tensor:

@@ -175,6 +175,8 @@ class BayesLitModule(pl.LightningModule):
             logp = None  # sequence conditions recompute the full predictive themselves
             loss_task = -out.logp[:, 0].gather(-1, x.gather(1, cut[:, None])).mean()
 
+        if out.residual is not None:  # Sinkhorn: how far the last iteration is from the prior
+            self.log("train/sinkhorn_residual", out.residual.detach(), on_step=True, on_epoch=True)
         inp = ConditionInput(self.model, x, logp=logp, cache=out.cache, attn=out.attn, generator=gen)
         total = loss_task
         for name, cond in self.conditions.items():
