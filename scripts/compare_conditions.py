@@ -1,9 +1,13 @@
 """Side by side: the same model, budget and seed trained with and without the Bayes
 conditions, each beside the exact Bayes predictor on the same validation set.
 
-    .venv/bin/python scripts/compare_conditions.py                     # default budget
+    .venv/bin/python scripts/compare_conditions.py                     # none vs the default penalty
     .venv/bin/python scripts/compare_conditions.py --steps 50 --tiny  # smoke test
-    .venv/bin/python scripts/compare_conditions.py --conditions none sequence martingale
+    .venv/bin/python scripts/compare_conditions.py --runs none:condition=none \
+        causal:condition=sequence set:experiment=set_sinkhorn_dirichlet
+
+Each run is ``name:override[,override...]`` (Hydra overrides); all share the task, budget and
+seed given here.
 """
 from __future__ import annotations
 
@@ -22,9 +26,9 @@ from bayestrain.train import train
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def run(condition: str, overrides: list[str], out: Path) -> tuple[dict, float]:
+def run(overrides: list[str], out: Path) -> tuple[dict, float]:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("train", overrides=[f"condition={condition}", *overrides], return_hydra_config=True)
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(out)
         cfg.hydra.job.num = 0
@@ -39,7 +43,7 @@ def run(condition: str, overrides: list[str], out: Path) -> tuple[dict, float]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--conditions", nargs="+", default=["none", "sequence"])
+    ap.add_argument("--runs", nargs="+", default=["none:condition=none", "sequence:condition=sequence"])
     ap.add_argument("--task", default="dirichlet")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
@@ -53,9 +57,10 @@ def main(argv=None) -> dict:
                       "model.d_model=16", "model.n_layers=1", "model.n_heads=2"]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for cond in args.conditions:
-            summary, secs = run(cond, overrides, Path(tmp) / cond)
-            rows[f"condition={cond} ({secs:.0f}s)"] = summary["model"]
+        for spec in args.runs:
+            name, _, extra = spec.partition(":")
+            summary, secs = run([*extra.split(","), *overrides] if extra else overrides, Path(tmp) / name)
+            rows[f"{name} ({secs:.0f}s)"] = summary["model"]
             rows["exact Bayes"] = summary["exact Bayes"]
     rows["exact Bayes"] = rows.pop("exact Bayes")  # last row
     print(summary_table(rows, title=f"{args.task}, {args.steps} steps, seed {args.seed}: validation set"))
