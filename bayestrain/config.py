@@ -53,6 +53,7 @@ class TrainSchema:
     data: Any = None
     model: Any = None
     condition: Any = None
+    module: Any = None
     optimizer: Any = None
     trainer: Any = None
     logger: Any = None

@@ -29,12 +29,11 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def module_from_checkpoint(ckpt: dict):
-    from bayestrain.module import BayesLitModule
     from bayestrain.train import build
 
     cfg = OmegaConf.create(ckpt["bayestrain_config"])
     objs = build(cfg)
-    module = BayesLitModule(objs["model"], objs["task"], objs["conditions"], seed=cfg.seed)
+    module = objs["module"]
     module.load_state_dict(ckpt["state_dict"])
     return module.eval(), objs, cfg
 
@@ -56,7 +55,10 @@ def evaluate(ckpt_path: str, split: str = "val", max_batches: int | None = None,
         predictors["exact Bayes"] = BayesPredictor(task)
     rows, out_dir = {}, Path(output_dir)
     for name, predictor in predictors.items():
-        ev = Evaluator(task.vocab_size, task, module.val_eval.conditions)
+        conds = module.val_eval.conditions
+        if name != "model":  # the exact predictor has no attention read-outs
+            conds = {n: c for n, c in conds.items() if c.needs_attn is None}
+        ev = Evaluator(task.vocab_size, task, conds)
         for i, x in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break

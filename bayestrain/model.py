@@ -340,6 +340,10 @@ class BayesTransformer(nn.Module):
                 f"max_len={self.max_len}; raise model.max_len"
             )
 
+    def _law_dtype(self) -> torch.dtype:
+        """Query/key laws in float32 or wider (float64 for a float64 model)."""
+        return torch.promote_types(self.tok_emb.weight.dtype, torch.float32)
+
     def _embed(self, tokens: Tensor, pos: Tensor) -> Tensor:
         h = self.tok_emb(tokens)  # (B, L, C)
         if self.pos_emb is not None:
@@ -362,7 +366,7 @@ class BayesTransformer(nn.Module):
         trace = None
         if return_attn is not None:
             trace = AttentionTrace(return_attn, "causal")
-            trace.log_rho = torch.full((B, T), -math.log(T), device=x.device)
+            trace.log_rho = torch.full((B, T), -math.log(T), device=x.device, dtype=self._law_dtype())
             trace.key_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
             ctx.log_rho = trace.log_rho
         logp = self._trunk(self._embed(tokens, pos), ctx, trace)
@@ -377,7 +381,7 @@ class BayesTransformer(nn.Module):
         in_ctx = idx[None, :] <= cut[:, None]  # (B, L) context keys / queries
         is_query = (idx == T)[None, :].expand(B, L)
         allowed = (in_ctx | is_query)[:, :, None] & in_ctx[:, None, :]  # (B, Q, K)
-        n_ctx = (cut + 1).to(torch.float32)
+        n_ctx = (cut + 1).to(self._law_dtype())
         log_rho = torch.where(in_ctx, -torch.log(n_ctx)[:, None], float("-inf"))  # (B, L)
         pos = torch.where(is_query, cut[:, None] + 1, idx[None, :].expand(B, L))
         log_prior = None

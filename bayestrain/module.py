@@ -246,6 +246,12 @@ class BayesLitModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval("test", self.test_eval)
 
+    def summary_rows(self, datamodule) -> tuple[str, dict[str, dict]]:
+        """End-of-run table: the model beside the exact Bayes predictor on the validation set."""
+        from bayestrain.summary import compare_with_exact
+
+        return f"{type(self.task).__name__}: validation set", compare_with_exact(self, datamodule, seed=self.seed)
+
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.model.parameters())
         if self.scheduler_factory is None:

@@ -16,8 +16,10 @@ def compare_with_exact(module, datamodule, seed: int = 0, max_batches: int | Non
     model.eval()
     conditions = module.val_eval.conditions
     rows = {}
-    for name, predictor in [("model", model), ("exact Bayes", BayesPredictor(task))]:
-        ev = Evaluator(task.vocab_size, task, conditions).to(module.device)
+    # the exact predictor has no attention: it is measured on the sequence-level conditions only
+    seq_conditions = {n: c for n, c in conditions.items() if c.needs_attn is None}
+    for name, predictor, conds in [("model", model, conditions), ("exact Bayes", BayesPredictor(task), seq_conditions)]:
+        ev = Evaluator(task.vocab_size, task, conds).to(module.device)
         for i, x in enumerate(datamodule.val_dataloader()):
             if max_batches is not None and i >= max_batches:
                 break

@@ -22,35 +22,40 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def build(cfg: DictConfig) -> dict:
-    """Instantiate task, data, model and conditions from a composed config."""
-    task = instantiate(cfg.task)
-    model_vocab = cfg.model.get("vocab_size")
-    if model_vocab is not None and model_vocab != task.vocab_size:
-        raise ValueError(
-            f"model.vocab_size={model_vocab} does not match task.vocab_size={task.vocab_size} "
-            f"({type(task).__name__}); remove the override (the model takes the task's) or make them equal"
-        )
-    model = instantiate(cfg.model, vocab_size=task.vocab_size)
+    """Instantiate task, data, model, conditions and the Lightning module from a composed
+    config.  ``task`` may be null (real data); the model then takes no ``vocab_size``."""
+    task = instantiate(cfg.task) if cfg.get("task") is not None else None
+    model_kw = {}
+    if task is not None and "vocab_size" in cfg.model:
+        model_vocab = cfg.model.get("vocab_size")
+        if model_vocab is not None and model_vocab != task.vocab_size:
+            raise ValueError(
+                f"model.vocab_size={model_vocab} does not match task.vocab_size={task.vocab_size} "
+                f"({type(task).__name__}); remove the override (the model takes the task's) or make them equal"
+            )
+        model_kw["vocab_size"] = task.vocab_size
+    model = instantiate(cfg.model, **model_kw)
     conditions = {}
     for name, node in (cfg.get("condition") or {}).items():
+        if node is None:
+            continue  # condition.<name>=null switches one off
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ValueError(f"condition.{name} must be a config with a _target_, got {node!r}")
         conditions[name] = instantiate(node)
-    datamodule = instantiate(cfg.data, task=task)
-    return {"task": task, "model": model, "conditions": conditions, "datamodule": datamodule}
+    datamodule = instantiate(cfg.data, **({"task": task} if task is not None else {}))
+    module = instantiate(cfg.module, model=model, task=task, conditions=conditions,
+                         optimizer=instantiate(cfg.optimizer), seed=cfg.seed)
+    return {"task": task, "model": model, "conditions": conditions, "datamodule": datamodule, "module": module}
 
 
 def train(cfg: DictConfig) -> dict:
     from lightning.pytorch import seed_everything
 
     from bayestrain.callbacks import ConfigSnapshot
-    from bayestrain.module import BayesLitModule
 
     seed_everything(cfg.seed, workers=True, verbose=False)
     objs = build(cfg)
-    module = BayesLitModule(
-        objs["model"], objs["task"], objs["conditions"], optimizer=instantiate(cfg.optimizer), seed=cfg.seed
-    )
+    module = objs["module"]
     # a group entry set to null (e.g. callbacks.progress=null) switches it off
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(ConfigSnapshot(OmegaConf.to_container(cfg, resolve=True)))
@@ -63,13 +68,13 @@ def train(cfg: DictConfig) -> dict:
 
     if cfg.get("summary", True) and trainer.is_global_zero:
         from bayestrain.report import summary_table
-        from bayestrain.summary import compare_with_exact
 
-        rows = compare_with_exact(module, objs["datamodule"], seed=cfg.seed)
+        # the module decides what its end-of-run table compares (e.g. the exact Bayes predictor)
+        title, rows = module.summary_rows(objs["datamodule"])
         result["summary"] = rows
-        print(summary_table(rows, title=f"{type(objs['task']).__name__}: validation set"))
-        ckpt_dir = out_dir / "checkpoints"
-        print(f"run folder:  {out_dir}\ncheckpoints: {ckpt_dir}\nreliability: {out_dir / 'val_reliability.png'}")
+        print(summary_table(rows, title=title))
+        print(f"run folder:  {out_dir}\ncheckpoints: {out_dir / 'checkpoints'}\n"
+              f"reliability: {out_dir / 'val_reliability.png'}")
     for lg in loggers:  # one W&B run per job: close it before the next job starts
         if type(lg).__name__ == "WandbLogger":
             import wandb

@@ -352,6 +352,26 @@ def test_prior_consistency_projection_mode_logs_the_sinkhorn_residual():
     assert v_sink < 1e-6 < 1e-3 < v_soft, (v_sink, v_soft)
 
 
+def test_prior_consistency_with_position_weights_matches_the_models_sinkhorn_prior():
+    x = torch.randint(0, 5, (3, 6))
+    w = [float(2.0 ** -i) + 0.05 for i in range(16)]  # max_len = 16 weights over key positions
+    model = _model(layout="set", pos_encoding="none", attention="sinkhorn", n_iters=30, prior=w)
+    same = PriorConsistency(prior=w)
+    same.check(model, None)
+    assert same.violation(ConditionInput(model, x), training=False).value < 1e-6
+    assert PriorConsistency(prior="uniform").violation(ConditionInput(model, x), training=False).value > 1e-2
+    # projection mode logs the model's own residual, so the priors must agree
+    proj = PriorConsistency(prior=w, mode="projection")
+    proj.check(model, None)
+    _, trace = model(x, return_attn="marginals")
+    st = proj.violation(ConditionInput(model, x, attn=trace), training=True)
+    torch.testing.assert_close(st.value, torch.stack(trace.residuals).mean())
+    with pytest.raises(ValueError, match="model.prior"):
+        PriorConsistency(mode="projection").check(model, None)
+    with pytest.raises(ValueError, match="max_len"):
+        PriorConsistency(prior=w[:8]).check(model, None)
+
+
 def test_prior_consistency_penalty_trains_a_causal_model():
     model = _model(layout="causal")
     x = torch.randint(0, 5, (4, 8))

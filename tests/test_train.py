@@ -41,10 +41,12 @@ def make_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train"):
     return cfg
 
 
-@pytest.mark.parametrize("group", ["task", "model", "condition", "optimizer", "data", "trainer", "logger", "callbacks"])
+@pytest.mark.parametrize("group", ["task", "model", "condition", "module", "optimizer", "data", "trainer", "logger", "callbacks"])
 def test_every_group_option_composes_and_instantiates(tmp_path, group):
     for option in options(group):
-        cfg = make_cfg(tmp_path, [f"{group}={option}"])
+        extra = {("task", "markov"): ["condition=none"]}.get((group, option), [])  # not exchangeable
+        extra += ["model=set_sinkhorn"] if (group, option) in {("condition", "reversibility"), ("condition", "block")} else []
+        cfg = make_cfg(tmp_path, [f"{group}={option}", *extra])
         objs = build(cfg)
         assert objs["model"].vocab_size == objs["task"].vocab_size
         if group == "trainer":
@@ -115,7 +117,7 @@ def test_vocabulary_mismatch_is_refused(tmp_path):
 
 def test_markov_refuses_sequence_conditions_before_training(tmp_path):
     cfg = make_cfg(tmp_path, TINY + ["task=markov", "logger=none"])
-    with pytest.raises(ValueError, match="exchangeable.*condition=none"):
+    with pytest.raises(InstantiationException, match="exchangeable.*condition=none"):
         train(cfg)
     train(make_cfg(tmp_path, TINY + ["task=markov", "condition=none", "logger=none", "summary=false"]))
 

@@ -84,7 +84,7 @@ def causal_uniform_prior(key_mask: Tensor) -> Tensor:
     return pi * m
 
 
-def _resolve_prior(prior, key_mask: Tensor, like: Tensor) -> Tensor:
+def _resolve_prior(prior, key_mask: Tensor, like: Tensor, validate: bool = True) -> Tensor:
     """The prior as probabilities ``[B or 1, H or 1, K]`` in ``like``'s dtype (``like``: the
     key marginal ``[B, H, K]``).  Named priors are built on the visible keys; tensor priors are
     validated (one host sync: it is a validation)."""
@@ -113,6 +113,8 @@ def _resolve_prior(prior, key_mask: Tensor, like: Tensor) -> Tensor:
             f"probabilities (or a name in {list(PRIOR_NAMES)}), got shape {tuple(pi.shape)}"
         )
     pi = pi[None, None] if pi.dim() == 1 else pi[:, None] if pi.dim() == 2 else pi
+    if not validate:
+        return pi.to(like.dtype)
 
     p = pi.detach().to(torch.float64)
     visible = key_mask[:, None, :]  # (B, 1, K)
@@ -136,6 +138,10 @@ def _resolve_prior(prior, key_mask: Tensor, like: Tensor) -> Tensor:
             "log_prior, the violation functions take probabilities)"
         )
     return pi.to(like.dtype)
+
+
+def _normalise(w: Tensor) -> Tensor:
+    return w / w.sum(-1, keepdim=True)
 
 
 def _key_marginal(attn: Tensor, query_weights: Tensor | None) -> Tensor:
@@ -206,6 +212,12 @@ def prior_consistency_violation(
     Value: ``KL(pi || mu)`` in nats, averaged over heads, layers and batch; extras ``tv``:
     ``0.5 sum_j |pi_j - mu_j|`` averaged alike.
     """
+    return _prior_consistency(attn, key_marginals, prior, query_weights, key_mask, validate=True)
+
+
+def _prior_consistency(attn, key_marginals, prior, query_weights, key_mask, validate: bool) -> ViolationState:
+    """``validate=False``: the condition objects' per-step path, whose query weights come from the
+    model's trace and whose priors are built or checked at construction (no host sync)."""
     if (attn is None) == (key_marginals is None):
         raise ValueError("prior_consistency_violation: pass exactly one of attn ([B, H, Q, K] weights) "
                          "or key_marginals= ([B, H, K])")
@@ -218,14 +230,14 @@ def prior_consistency_violation(
                 raise ValueError(f"key_marginals must be [B, H, K] (or a list), got shape {tuple(m.shape)}")
         mus = [m.to(_work(m.dtype)) for m in mus]
     else:
-        if query_weights is not None:
+        if query_weights is not None and validate:
             _check_query_weights(query_weights)
         mus = [_key_marginal(a, query_weights) for a in _as_list(attn, "attn")]
     if any(m.shape != mus[0].shape for m in mus):
         raise ValueError(f"per-layer attention shapes differ: {[tuple(m.shape) for m in mus]}")
     B, H, K = mus[0].shape
     km = _key_mask(key_mask, B, K, mus[0].device)
-    pi = _resolve_prior(prior, km, mus[0])
+    pi = _resolve_prior(prior, km, mus[0], validate)
     kls, tvs = zip(*(_kl_tv(pi, mu) for mu in mus))
     kl = torch.stack(kls).mean()
     tv = torch.stack(tvs).mean()
@@ -257,7 +269,9 @@ def _stationary(a: Tensor, vis: Tensor) -> Tensor:
     eye = torch.eye(N, dtype=a.dtype, device=a.device)
     m = eye - a_d + uu
     rhs = vis.expand(B, H, N)[..., None]
-    return torch.linalg.solve(m.transpose(-1, -2), rhs).squeeze(-1)  # (B, H, N)
+    # solve_ex: no error check, hence no host sync on CUDA (the teleportation keeps m nonsingular)
+    pi, _ = torch.linalg.solve_ex(m.transpose(-1, -2), rhs)
+    return pi.squeeze(-1)  # (B, H, N)
 
 
 def stationary_law(attn: Tensor, key_mask: Tensor | None = None) -> Tensor:
@@ -369,12 +383,18 @@ def _attention_trace(inp: ConditionInput, kind: str, name: str):
 class PriorConsistency(Condition):
     """``KL(pi || mu)`` of every head's key marginal against a fixed prior (DESIGN.md 2.2).
 
-    ``prior``: ``"uniform"`` (over each pass's visible keys, for ``set`` / ``bidirectional``
-    models), ``"causal_uniform"`` (required for causal models), or a probability tensor ``[K]``
-    / ``[B, K]`` / ``[B, H, K]`` for the functional API (the condition object refuses it where
-    the visible keys change from pass to pass, see :meth:`check`).  ``mode="projection"`` needs
-    ``model.attention=sinkhorn`` (the projection is in the forward pass); it logs the Sinkhorn
-    residual and trains nothing.
+    ``prior``:
+
+    - ``"uniform"``: uniform over each pass's visible keys (``set`` / ``bidirectional`` models);
+    - ``"causal_uniform"``: required for causal models (the key marginal of uniform causal
+      attention);
+    - weights over key *positions* ``[P]`` (``P >= max_len``; a list from a config is fine) for
+      ``set`` / ``bidirectional`` models: in each pass they are conditioned on the visible keys
+      (``pi_j = w_j / sum_{visible} w``), exactly as ``BayesTransformer(prior=...)`` conditions
+      its Sinkhorn prior on the context length, never on the tokens.
+
+    ``mode="projection"`` needs ``model.attention=sinkhorn`` (the projection is in the forward
+    pass) and the model's own prior; it logs the Sinkhorn residual and trains nothing.
     """
 
     name = "prior_consistency"
@@ -387,32 +407,41 @@ class PriorConsistency(Condition):
         if isinstance(prior, str):
             if prior not in PRIOR_NAMES:
                 raise ValueError(
-                    f"{self.name}: prior={prior!r} is not one of {list(PRIOR_NAMES)} or a probability tensor"
+                    f"{self.name}: prior={prior!r} is not one of {list(PRIOR_NAMES)} or a list of "
+                    "weights over key positions"
                 )
         else:
             prior = torch.as_tensor(_plain(prior) if not isinstance(prior, Tensor) else prior)
             prior = prior.to(torch.float64) if not prior.is_floating_point() else prior
+            p = prior.detach()
+            if prior.dim() != 1 or not torch.isfinite(p).all() or (p < 0).any() or not (p > 0).any():
+                raise ValueError(
+                    f"{self.name}: a fixed prior must be non-negative weights over key positions "
+                    f"(one per position up to max_len), got shape {tuple(prior.shape)}"
+                )
         self.prior = prior
 
     def _prior_name(self) -> str:
-        return self.prior if isinstance(self.prior, str) else "<tensor>"
+        return self.prior if isinstance(self.prior, str) else "<weights>"
 
     def check(self, model, task) -> None:
         if model is None:
             return
         layout = getattr(model, "layout", None)
         attention = getattr(model, "attention", None)
-        if layout == "causal" and self.prior != "causal_uniform":
+        named = isinstance(self.prior, str)
+        if layout == "causal" and not (named and self.prior == "causal_uniform"):
             raise ValueError(
                 f"{self.name}: a causal model needs prior=causal_uniform (got prior={self._prior_name()}): "
                 "under a causal mask the key marginal has tail sums sum_{j>=k} mu_j <= (N-k)/N, so "
                 "a uniform prior is met only by the identity kernel (every token attends to itself "
                 "alone); causal_uniform is the key marginal of uniform causal attention"
             )
-        if layout in ("set", "bidirectional") and not isinstance(self.prior, str):
+        max_len = getattr(model, "max_len", None)
+        if not named and max_len is not None and self.prior.shape[0] < max_len:
             raise ValueError(
-                f"{self.name}: a fixed tensor prior needs a fixed set of visible keys, but a "
-                f"{layout} model's context length varies from pass to pass; use prior=uniform"
+                f"{self.name}: the prior has weights for {self.prior.shape[0]} key positions but the "
+                f"model sees up to max_len={max_len}; give one weight per position"
             )
         if self.mode == "projection":
             if attention != "sinkhorn":
@@ -421,20 +450,53 @@ class PriorConsistency(Condition):
                     f"needs model.attention=sinkhorn (got model.attention={attention}); or use mode "
                     "penalty/lagrangian/measure"
                 )
-            if self.prior != "uniform":
-                raise ValueError(
-                    f"{self.name}: mode=projection projects onto the model's Sinkhorn prior, uniform over "
-                    f"the visible keys; prior={self._prior_name()} cannot be projected, set prior=uniform "
-                    "or use mode=penalty"
-                )
+            model_log_prior = getattr(model, "log_prior", None)
+            if model_log_prior is None:
+                if not (named and self.prior == "uniform"):
+                    raise ValueError(
+                        f"{self.name}: mode=projection logs the residual of the model's own Sinkhorn "
+                        f"prior (model.prior=uniform); prior={self._prior_name()} is not what the "
+                        "forward pass projects onto: set prior=uniform, or give the model the same "
+                        "prior, or use mode=penalty"
+                    )
+            else:
+                w = model_log_prior.detach().double().exp().cpu()
+                same = (not named and self.prior.shape[0] >= w.shape[0]
+                        and torch.allclose(_normalise(self.prior.detach().double().cpu()[: w.shape[0]]),
+                                           _normalise(w), rtol=1e-5, atol=0))
+                if not same:
+                    raise ValueError(
+                        f"{self.name}: mode=projection logs the residual of the model's own Sinkhorn "
+                        f"prior (a fixed model.prior), but the condition has prior={self._prior_name()} "
+                        "that differs from it; set the condition's prior to the model's weights "
+                        "(e.g. ${model.prior}), or use mode=penalty"
+                    )
+
+    def _pass_prior(self, trace, K: int):
+        """The prior for one pass: a name, or position weights conditioned on the visible keys."""
+        if isinstance(self.prior, str):
+            return self.prior
+        if self.prior.shape[0] < K:
+            raise ValueError(
+                f"{self.name}: the prior has weights for {self.prior.shape[0]} key positions, this "
+                f"pass has {K} keys; give one weight per position up to max_len"
+            )
+        key_mask = getattr(trace, "key_mask", None)
+        w = self.prior[:K].to(device=trace[0].device, dtype=torch.float64)
+        w = w[None] if key_mask is None else w * key_mask.to(w.dtype)
+        total = w.sum(-1, keepdim=True)
+        return torch.where(total > 0, w / torch.where(total > 0, total, 1.0), 0.0)
 
     def _measure(self, trace) -> ViolationState:
         key_mask = getattr(trace, "key_mask", None)
+        prior = self._pass_prior(trace, trace[0].shape[-1])
+        if isinstance(prior, Tensor) and prior.shape[0] == 1:
+            prior = prior[0]
         if getattr(trace, "kind", "weights") == "weights":
             log_rho = getattr(trace, "log_rho", None)
             rho = None if log_rho is None else log_rho.exp()
-            return prior_consistency_violation(list(trace), prior=self.prior, query_weights=rho, key_mask=key_mask)
-        return prior_consistency_violation(key_marginals=list(trace), prior=self.prior, key_mask=key_mask)
+            return _prior_consistency(list(trace), None, prior, rho, key_mask, validate=False)
+        return _prior_consistency(None, list(trace), prior, None, key_mask, validate=False)
 
     def violation(self, inp: ConditionInput, training: bool) -> ViolationState:
         trace = _attention_trace(inp, "marginals", self.name)

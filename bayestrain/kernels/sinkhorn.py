@@ -57,7 +57,6 @@ from bayestrain.kernels.softmax import (
     _softmax_marginal_wsum_col_kernel,
     _softmax_marginal_wsum_row_kernel,
     check_inputs,
-    neg_or_neg_inf,
     pick_blocks,
     plus_inf_for_neg_inf,
     reference_layout,
@@ -115,14 +114,14 @@ class SinkhornAttentionFunction(torch.autograd.Function):
         kl = _kl_residual(log_pi, log_mu, log_rho).view(geo.B, geo.H)
 
         stacks = [torch.stack(x) if x else None for x in (fs, rls, gs[:n], cls)]
-        ctx.save_for_backward(q, k, v, out, log_rho, log_pi, key_bias, nctx, rl_n, g_n, log_mu, *stacks)
+        ctx.save_for_backward(q, k, v, out, log_rho, log_pi, key_bias, nctx, rl_n, f_n, g_n, log_mu, *stacks)
         ctx.n_iters, ctx.blocks = n, blocks
         ctx.set_materialize_grads(False)
         return out, kl
 
     @staticmethod
     def backward(ctx, dout, dkl):
-        q, k, v, out, log_rho, log_pi, key_bias, nctx, rl_n, g_n, log_mu, *rest = ctx.saved_tensors
+        q, k, v, out, log_rho, log_pi, key_bias, nctx, rl_n, f_n, g_n, log_mu, *rest = ctx.saved_tensors
         n = ctx.n_iters
         fs, rls, gs, cls = rest  # [n, B*H, N] each (None when n = 0)
         geo = Geometry(q, k, v, nctx, False, ctx.blocks)
@@ -134,26 +133,29 @@ class SinkhornAttentionFunction(torch.autograd.Function):
         delta = (dout.float() * out.float()).sum(-1).reshape(BH, N)
         dlr = torch.zeros_like(log_rho)
         dlp = torch.zeros_like(log_pi)
-        dmu = None
+        marginal = None
         if dkl is not None:
             dkl = dkl.float().reshape(BH, 1)
             pos = log_pi > NEG_INF
             lmu = torch.where(pos, log_mu, 0.0)
             lp = torch.where(pos, log_pi, 0.0)
-            # kl = sum_j pi_j (log pi_j - log mu_j):  direct term in log pi, and d mu
+            # kl = sum_j pi_j (log pi_j - log mu_j): direct term in log pi, and
+            # d mu_j = -dkl pi_j / mu_j, applied as rho_i A_ij d mu_j = wm_j exp(log(rho_i A_ij) - log mu_j)
             dlp = dlp + torch.where(pos, dkl * lp.exp() * (lp - lmu + 1.0), 0.0)
-            dmu = torch.where(pos, -dkl * (lp - lmu).exp(), 0.0).contiguous()
-            u = geo.wsum_row(dmu, neg_or_neg_inf(rl_n), g_n)  # u_i = sum_j A_ij dmu_j
-            ru = log_rho.exp() * u
+            wm = torch.where(pos, -dkl * lp.exp(), 0.0).contiguous()
+            lmu_p = plus_inf_for_neg_inf(log_mu).contiguous()
+            # ru_i = rho_i sum_j A_ij dmu_j = sum_j wm_j exp(f^n_i + S_ij + g^n_j - log mu_j)
+            ru = geo.wsum_row(wm, f_n, (g_n - lmu_p).contiguous())
             delta = delta + ru
             dlr = dlr + ru
+            marginal = (wm, lmu_p)
         delta = delta.contiguous()
 
         if n == 0:  # softmax with a residual
-            dq, dk, dv, _ = geo.backward(dout, rl_n, g_n, delta, lr=log_rho, dmu=dmu)
+            dq, dk, dv, _ = geo.backward(dout, rl_n, g_n, delta, lr=log_rho, marginal=marginal)
         else:
             # pass 1: dv and dg^n = sum_i dZ_ij
-            _, _, dv, dg = geo.backward(dout, rl_n, g_n, delta, lr=log_rho, dmu=dmu,
+            _, _, dv, dg = geo.backward(dout, rl_n, g_n, delta, lr=log_rho, marginal=marginal,
                                         compute_dv=True, compute_db=True, compute_dqk=False)
             cl_p = plus_inf_for_neg_inf(cls)  # +inf where -inf: the terms vanish
             rl_p = plus_inf_for_neg_inf(rls)
@@ -170,7 +172,7 @@ class SinkhornAttentionFunction(torch.autograd.Function):
                     wg[t - 2] = -dg
                     dlp = dlp + dg
             dq, dk, _, _ = geo.backward(
-                dout, rl_n, g_n, delta, lr=log_rho, dmu=dmu,
+                dout, rl_n, g_n, delta, lr=log_rho, marginal=marginal,
                 compute_dv=False, compute_db=False, compute_dqk=True,
                 sinkhorn=(n, fs.contiguous(), cl_p.contiguous(), wg, gs.contiguous(), rl_p.contiguous(), wf),
             )

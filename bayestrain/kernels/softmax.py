@@ -136,7 +136,7 @@ def _softmax_marginal_fwd_kernel(
     out_i = sum_j exp(rb_i + S_ij + c_j - lse_i) v_j (zero for rows that see nothing); with
     HAS_F also f_i = lr_i - lse_i (-inf where lr_i or lse_i is -inf)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large B*H*N*D
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -205,7 +205,7 @@ def _softmax_marginal_col_kernel(
     g_j = lp_j - cl_j (-inf where cl_j is -inf).  QBOUND: only queries i < n_context carry
     a_i > -inf (the loop stops there)."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large B*H*N*D
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -265,7 +265,7 @@ def _softmax_marginal_wsum_row_kernel(
     """out_i = sum_j w_j exp(a_i + S_ij + c_j) [j <= i if CAUSAL].  The callers pass
     normalised exponents (<= 0) and no +inf."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large B*H*N*D
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -309,7 +309,7 @@ def _softmax_marginal_wsum_col_kernel(
     """out_j = sum_i w_i exp(a_i + S_ij + c_j) [i >= j if CAUSAL]; QBOUND: w_i = 0 for
     i >= n_context."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large B*H*N*D
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -348,7 +348,7 @@ def _softmax_marginal_wsum_col_kernel(
 @triton.jit
 def _softmax_marginal_bwd_kernel(
     Q, K, V, DO, DQ, DK, DV, DB,
-    RL, C, LR, DMU, DELTA,
+    RL, C, LR, WM, LMU, DELTA,
     SF, SCL, SWG, SG, SRL, SWF,
     NCTX,
     sqb, sqh, sqn, sqd,
@@ -366,6 +366,9 @@ def _softmax_marginal_bwd_kernel(
     A_ij = exp(S_ij + c_j - rl_i):
         dv_j = sum_i A_ij do_i;  dP_ij = do_i . v_j + rho_i dmu_j;
         dZ_ij = A_ij (dP_ij - delta_i), delta_i = sum_j A_ij dP_ij (given);
+    the marginal term A_ij rho_i dmu_j is evaluated as wm_j exp(log A_ij + log rho_i - lmu_j)
+    (HAS_DMU; softmax: wm = dmu, lmu = 0; Sinkhorn's residual: wm = -dKL pi_j, lmu = log mu_j,
+    bounded where dmu = -dKL pi / mu overflows);
         db_j = sum_i dZ_ij (COMPUTE_DB: the gradient of the key bias c);
         dS = dZ (+ the Sinkhorn half-iteration terms, SINKHORN), dk = dS^T q, dq = dS k.
     Sinkhorn terms, t = 0..n_sk-1 (stacked vectors of stride N_BH = n_heads * N):
@@ -374,7 +377,7 @@ def _softmax_marginal_bwd_kernel(
     cl / rl vectors carry +inf where the log-normaliser was -inf (the term then vanishes).
     dq is accumulated with fp32 atomics into a zeroed buffer."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large B*H*N*D
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -390,7 +393,8 @@ def _softmax_marginal_bwd_kernel(
                 mask=col_ok[:, None] & (offs_dv[None, :] < DV_DIM), other=0.0)
     c = tl.load(C + vec + offs_n, mask=col_ok, other=float("-inf"))
     if HAS_DMU:
-        dmu = tl.load(DMU + vec + offs_n, mask=col_ok, other=0.0)
+        wm = tl.load(WM + vec + offs_n, mask=col_ok, other=0.0)
+        lmu = tl.load(LMU + vec + offs_n, mask=col_ok, other=float("inf"))
 
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -411,18 +415,19 @@ def _softmax_marginal_bwd_kernel(
         rl = tl.load(RL + vec + offs_m, mask=row_ok, other=float("inf"))
         rl = tl.where(rl == float("-inf"), float("inf"), rl)
         st = tl.dot(k, tl.trans(q), input_precision=PREC) * sm_scale  # [BLOCK_N, BLOCK_M]
-        pt = tl.exp(st + c[:, None] - rl[None, :])  # A^T
+        xt = st + c[:, None] - rl[None, :]  # log A^T
         if CAUSAL:
-            pt = tl.where(offs_m[None, :] >= offs_n[:, None], pt, 0.0)
+            xt = tl.where(offs_m[None, :] >= offs_n[:, None], xt, float("-inf"))
+        pt = tl.exp(xt)
         if COMPUTE_DV:
             dv_acc += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         if COMPUTE_DB or COMPUTE_DQK:
             delta = tl.load(DELTA + vec + offs_m, mask=row_ok, other=0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+            dst = pt * (dpt - delta[None, :])
             if HAS_DMU:
                 lr = tl.load(LR + vec + offs_m, mask=row_ok, other=float("-inf"))
-                dpt += dmu[:, None] * tl.exp(lr)[None, :]
-            dst = pt * (dpt - delta[None, :])
+                dst += wm[:, None] * tl.exp(xt + lr[None, :] - lmu[:, None])
             if COMPUTE_DB:
                 db_acc += tl.sum(dst, 1)
             if COMPUTE_DQK:
@@ -440,7 +445,7 @@ def _softmax_marginal_bwd_kernel(
                 dk_acc += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
                 dq = tl.dot(tl.trans(dst).to(k.dtype), k, input_precision=PREC) * sm_scale
                 tl.atomic_add(DQ + pid_bh * N * D + offs_m[:, None] * D + offs_d[None, :], dq,
-                              mask=row_ok[:, None] & (offs_d[None, :] < D))
+                              mask=row_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
 
     if COMPUTE_DV:
         tl.store(DV + pid_bh * N * DV_DIM + offs_n[:, None] * DV_DIM + offs_dv[None, :], dv_acc,
@@ -552,9 +557,10 @@ class Geometry:
         )
         return out
 
-    def backward(self, do, rl, c, delta, lr=None, dmu=None, compute_dv=True, compute_db=False,
-                 compute_dqk=True, sinkhorn=None):
+    def backward(self, do, rl, c, delta, lr=None, marginal=None, compute_dv=True,
+                 compute_db=False, compute_dqk=True, sinkhorn=None):
         """Column-parallel backward; returns (dq, dk, dv, db), None for what was not asked.
+        ``marginal``: (wm, lmu) for the gradient through the key marginal;
         ``sinkhorn``: (n, f, cl+, -dg, g, rl+, -df) stacked [n, B*H, N] vectors."""
         B, H, N, D, DV = self.B, self.H, self.N, self.D, self.DV
         dev = self.device
@@ -572,11 +578,12 @@ class Geometry:
             q, k, v, do,
             dq if dq is not None else dummy, dk if dk is not None else dummy,
             dv if dv is not None else dummy, db if db is not None else dummy,
-            rl, c, lr if lr is not None else dummy, dmu if dmu is not None else dummy, delta,
+            rl, c, lr if lr is not None else dummy,
+            *(marginal if marginal is not None else (dummy, dummy)), delta,
             *stacks, self.nctx,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(),
             H, N, D, DV, self.scale, n_sk,
-            CAUSAL=self.causal, HAS_DMU=dmu is not None,
+            CAUSAL=self.causal, HAS_DMU=marginal is not None,
             COMPUTE_DV=compute_dv, COMPUTE_DB=compute_db, COMPUTE_DQK=compute_dqk,
             SINKHORN=sinkhorn is not None,
             BLOCK_D=self.block_d, BLOCK_DV=self.block_dv, PREC=self.prec,
@@ -724,27 +731,28 @@ class SoftmaxMarginalFunction(torch.autograd.Function):
         out, rl, f = geo.row_lse(row_bias, key_bias, lr=log_rho, with_v=True)
         log_mu, _ = geo.col_lse(f, key_bias, qbound=True)
         mu = log_mu.exp().view(geo.B, geo.H, geo.N)
-        ctx.save_for_backward(q, k, v, out, log_rho, rl, key_bias, nctx)
+        ctx.save_for_backward(q, k, v, out, log_rho, rl, f, key_bias, nctx)
         ctx.causal, ctx.blocks = causal, blocks
         ctx.set_materialize_grads(False)
         return out, mu
 
     @staticmethod
     def backward(ctx, dout, dmu):
-        q, k, v, out, log_rho, rl, key_bias, nctx = ctx.saved_tensors
+        q, k, v, out, log_rho, rl, f, key_bias, nctx = ctx.saved_tensors
         geo = Geometry(q, k, v, nctx, ctx.causal, ctx.blocks)
         if dout is None:
             dout = torch.zeros_like(out)
         dout = dout.contiguous()
         delta = (dout.float() * out.float()).sum(-1).reshape(geo.BH, geo.N)
-        dlr = None
+        dlr = marginal = None
         if dmu is not None:
             dmu = dmu.float().reshape(geo.BH, geo.N).contiguous()
-            u = geo.wsum_row(dmu, neg_or_neg_inf(rl), key_bias)  # u_i = sum_j A_ij dmu_j
-            ru = log_rho.exp() * u
+            ru = geo.wsum_row(dmu, f, key_bias)  # rho_i sum_j A_ij dmu_j  (f = log rho - lse)
             delta = delta + ru
             dlr = ru
-        dq, dk, dv, _ = geo.backward(dout, rl, key_bias, delta.contiguous(), lr=log_rho, dmu=dmu)
+            marginal = (dmu, torch.zeros_like(dmu))
+        dq, dk, dv, _ = geo.backward(dout, rl, key_bias, delta.contiguous(), lr=log_rho,
+                                     marginal=marginal)
         if dlr is None and ctx.needs_input_grad[3]:
             dlr = torch.zeros_like(log_rho)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dlr, None, None, None, None, None
