@@ -49,6 +49,7 @@ class TrainSchema:
     run_name: str = "run"
     summary: bool = True
     ckpt_path: Optional[str] = None
+    objective: Any = None
     task: Any = None
     data: Any = None
     model: Any = None

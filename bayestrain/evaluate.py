@@ -13,19 +13,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Safe (weights-only) loading, with a clear error for a missing or damaged file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist; pass a .ckpt file from a run's checkpoints/ folder")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated / corrupted / not a checkpoint
-        raise ValueError(f"ckpt_path={str(path)!r} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if "bayestrain_config" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"ckpt_path={str(path)!r} was not written by bayestrain-train (no stored config)")
-    return ckpt
+from bayestrain.checkpoint import load_checkpoint
 
 
 def module_from_checkpoint(ckpt: dict):

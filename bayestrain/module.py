@@ -246,6 +246,14 @@ class BayesLitModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval("test", self.test_eval)
 
+    # the global RNG (dropout) travels with the checkpoint: a resumed run draws the same masks
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["bayestrain_rng"] = {"torch": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "bayestrain_rng" in checkpoint:
+            torch.set_rng_state(checkpoint["bayestrain_rng"]["torch"])
+
     def summary_rows(self, datamodule) -> tuple[str, dict[str, dict]]:
         """End-of-run table: the model beside the exact Bayes predictor on the validation set."""
         from bayestrain.summary import compare_with_exact

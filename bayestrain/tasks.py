@@ -415,6 +415,7 @@ class _StreamDataset(IterableDataset):
         self.batches_per_epoch = batches_per_epoch
         self.seed = seed
         self.epoch = 0
+        self.position_fn = None  # () -> batches consumed so far, or None (set by the data module)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -431,7 +432,14 @@ class _StreamDataset(IterableDataset):
         epoch = self.epoch
         self.epoch += 1
         start = epoch * self.batches_per_epoch
-        for index in range(start, start + self.batches_per_epoch):
+        end = start + self.batches_per_epoch
+        consumed = self.position_fn() if self.position_fn is not None else None
+        if consumed is not None:
+            # under a Trainer the stream position is the number of batches already trained on,
+            # so a run resumed mid-epoch continues with the very batches it would have seen
+            start, end = consumed, (consumed // self.batches_per_epoch + 1) * self.batches_per_epoch
+            self.epoch = consumed // self.batches_per_epoch + 1
+        for index in range(start, end):
             generator = torch.Generator().manual_seed(self.batch_seed(index))
             yield self.task.sample(self.batch_size, self.seq_len, generator)
 
@@ -488,7 +496,14 @@ class WindTunnelDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.val_x  # noqa: B018 - sample the validation set up front, not inside the loop
 
+    def _batches_consumed(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        return trainer.global_step * trainer.accumulate_grad_batches
+
     def train_dataloader(self) -> DataLoader:
+        self.train_dataset.position_fn = self._batches_consumed
         return DataLoader(self.train_dataset, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:

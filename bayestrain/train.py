@@ -53,6 +53,13 @@ def train(cfg: DictConfig) -> dict:
 
     from bayestrain.callbacks import ConfigSnapshot
 
+    # resolve every interpolation (run folder, ${hydra:...}) once, here, so spawned or launched
+    # ranks all see the values of the process that composed the config
+    OmegaConf.resolve(cfg)
+    if cfg.get("ckpt_path"):
+        from bayestrain.checkpoint import load_checkpoint
+
+        load_checkpoint(cfg.ckpt_path)  # refuse a missing or damaged checkpoint before building anything
     seed_everything(cfg.seed, workers=True, verbose=False)
     objs = build(cfg)
     module = objs["module"]
@@ -60,13 +67,18 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(ConfigSnapshot(OmegaConf.to_container(cfg, resolve=True)))
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    from bayestrain.checkpoint import AtomicCheckpointIO
+
+    plugins = [instantiate(p) for p in (cfg.trainer.get("plugins") or [])] + [AtomicCheckpointIO()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    trainer.preempted = False
 
     trainer.fit(module, datamodule=objs["datamodule"], ckpt_path=cfg.get("ckpt_path"))
     out_dir = Path(cfg.paths.output_dir)
     result = {"output_dir": str(out_dir), "val": {k: float(v) for k, v in trainer.callback_metrics.items()}}
 
-    if cfg.get("summary", True) and trainer.is_global_zero:
+    result["preempted"] = trainer.preempted
+    if cfg.get("summary", True) and trainer.is_global_zero and not trainer.preempted:
         from bayestrain.report import summary_table
 
         # the module decides what its end-of-run table compares (e.g. the exact Bayes predictor)
@@ -83,11 +95,42 @@ def train(cfg: DictConfig) -> dict:
     return result
 
 
+def _refuse_multirun_ddp(cfg: DictConfig) -> None:
+    """``-m`` with ``strategy=ddp``: Lightning relaunches the script for ranks 1..N-1, and each
+    child would re-run the whole sweep.  ddp_spawn and submitit start ranks without that."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if HydraConfig.get().mode == RunMode.MULTIRUN and strategy.split("_")[0] in ("ddp", "fsdp") and "spawn" not in strategy:
+        raise ValueError(
+            f"trainer.strategy={strategy!r} cannot run inside a Hydra multirun (-m): Lightning relaunches "
+            "this script for every extra rank and each would re-run the sweep. Use trainer=ddp_spawn "
+            "(trainer.strategy=ddp_spawn), or hydra/launcher=submitit_slurm / submitit_local, which start "
+            "one job per sweep point"
+        )
+
+
+def objective(cfg: DictConfig, result: dict) -> float:
+    """The sweep objective: ``objective.metric`` from the run's final metrics.  A run that ends
+    without it (or with NaN) raises, so the sweeper records a failed trial, never a number."""
+    metric = cfg.objective.metric
+    value = result["val"].get(metric)
+    if value is None or value != value:
+        raise RuntimeError(
+            f"objective.metric={metric!r} was not produced by this run (got {value!r}); available: "
+            f"{sorted(result['val'])}"
+        )
+    return float(value)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    _refuse_multirun_ddp(cfg)
     result = train(cfg)
-    nll = result["val"].get("val/nll")
-    return nll
+    if result.get("preempted"):
+        return None
+    return objective(cfg, result)
 
 
 if __name__ == "__main__":

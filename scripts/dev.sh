@@ -31,12 +31,23 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# The real-text corpus (Debian's `fortunes`, topic-labelled short texts) for the fine-tuning
+# experiments and their tests; best effort, the tests that need it say how to install it.
+corpus() {
+  [ -d /usr/share/games/fortunes ] && return
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq fortunes) >/dev/null 2>&1 \
+      || echo "note: could not install Debian's fortunes package (apt-get install -y fortunes)" >&2
+  fi
+}
+
 cmd=${1:-train}; shift || true
 case "$cmd" in
   setup) setup ;;
   train) setup; exec "$VENV/bin/python" -m bayestrain.train "$@" ;;
   test)
     setup
+    corpus
     # the Triton interpreter tests run in a process of their own (TRITON_INTERPRET must be set
     # before triton is imported, and they are the slowest part)
     "$VENV/bin/python" -m pytest -q -m "not kernels" "$@"

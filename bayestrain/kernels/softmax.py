@@ -90,7 +90,7 @@ _ROW_CONFIGS = _cfgs([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 12
 # column-parallel reductions (BLOCK_N resident, loop over BLOCK_M query tiles)
 _COL_CONFIGS = _cfgs([(64, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)])
 # column-parallel backward (dk, dv accumulators resident)
-_BWD_CONFIGS = _cfgs([(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2)])
+_BWD_CONFIGS = _cfgs([(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2)])
 
 
 class _Kernel:
