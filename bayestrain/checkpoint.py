@@ -55,50 +55,55 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 class PreemptionCheckpoint(pl.Callback):
-    """On SIGTERM (a kill, a cluster's pre-emption notice) or SIGUSR1 (SLURM's, with
-    ``--signal=USR1@90``): finish the current batch, write ``{dirpath}/last.ckpt``, and stop
-    training cleanly.  Resume with ``ckpt_path={dirpath}/last.ckpt``.
+    """Checkpoint on SIGTERM (a kill, a cluster's pre-emption notice) and SIGUSR1, then stop.
 
-    Under SLURM with ``trainer.plugins`` holding ``SLURMEnvironment(auto_requeue=True)``
-    (``conf/trainer/slurm.yaml``), Lightning itself handles SIGUSR1: it checkpoints and requeues
-    the job; this callback then leaves SIGUSR1 alone."""
+    SIGTERM: Lightning's own handler finishes the current batch and raises
+    ``SIGTERMException`` on every rank; this callback writes ``{dirpath}/last.ckpt`` from
+    ``on_exception`` and ``bayestrain.train`` reports the run as pre-empted.  SIGUSR1 (SLURM's
+    warning, ``--signal=USR1@90``): the current batch ends, the checkpoint is written and
+    training stops cleanly.  Under SLURM with ``SLURMEnvironment(auto_requeue=True)``
+    (``conf/trainer/slurm.yaml``) Lightning itself checkpoints and requeues on SIGUSR1, and this
+    callback leaves SIGUSR1 alone.  Resume with ``ckpt_path={dirpath}/last.ckpt``."""
 
-    def __init__(self, dirpath: str, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")):
+    def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
-        self.signals = [getattr(signal, name) for name in signals]
         self.received: int | None = None
-        self._previous: dict = {}
+        self._previous = None
 
     def _handler(self, signum, frame) -> None:
         self.received = signum  # acted on at the next batch boundary, never mid-update
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        env = trainer._accelerator_connector.cluster_environment
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-        slurm_requeue = isinstance(trainer._accelerator_connector.cluster_environment, SLURMEnvironment) and getattr(
-            trainer._accelerator_connector.cluster_environment, "auto_requeue", False
-        )
-        for sig in self.signals:
-            if sig == signal.SIGUSR1 and slurm_requeue:
-                continue
-            try:
-                self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. some launchers): leave signals alone
-                pass
-
-    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if self.received is None:
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue:
             return
+        try:
+            self._previous = signal.signal(signal.SIGUSR1, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+
+    def _save(self, trainer, why: str) -> None:
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
-        trainer.should_stop = True
-        pl_module.print(
-            f"received signal {signal.Signals(self.received).name}: checkpoint at step {trainer.global_step} "
-            f"written to {path}; resume with ckpt_path={path}"
-        )
         trainer.preempted = True
+        if trainer.is_global_zero:
+            print(f"{why}: checkpoint at step {trainer.global_step} written to {path}; resume with ckpt_path={path}")
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if self.received is not None:
+            self._save(trainer, f"received {signal.Signals(self.received).name}")
+            trainer.should_stop = True
+            self.received = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer, "received SIGTERM")
 
     def teardown(self, trainer, pl_module, stage) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None

@@ -73,7 +73,13 @@ def train(cfg: DictConfig) -> dict:
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     trainer.preempted = False
 
-    trainer.fit(module, datamodule=objs["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        trainer.fit(module, datamodule=objs["datamodule"], ckpt_path=cfg.get("ckpt_path"))
+    except SIGTERMException:  # killed or pre-empted: PreemptionCheckpoint wrote last.ckpt
+        if not trainer.preempted:
+            raise
     out_dir = Path(cfg.paths.output_dir)
     result = {"output_dir": str(out_dir), "val": {k: float(v) for k, v in trainer.callback_metrics.items()}}
 
@@ -111,6 +117,17 @@ def _refuse_multirun_ddp(cfg: DictConfig) -> None:
         )
 
 
+def _group_sweep_runs(cfg: DictConfig) -> None:
+    """In a multirun, each job is its own W&B run, grouped by the sweep's folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    hc = HydraConfig.get()
+    if wandb_cfg is not None and hc.mode == RunMode.MULTIRUN and wandb_cfg.get("group") is None:
+        wandb_cfg.group = Path(hc.sweep.dir).name
+
+
 def objective(cfg: DictConfig, result: dict) -> float:
     """The sweep objective: ``objective.metric`` from the run's final metrics.  A run that ends
     without it (or with NaN) raises, so the sweeper records a failed trial, never a number."""
@@ -127,6 +144,7 @@ def objective(cfg: DictConfig, result: dict) -> float:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     _refuse_multirun_ddp(cfg)
+    _group_sweep_runs(cfg)
     result = train(cfg)
     if result.get("preempted"):
         return None
