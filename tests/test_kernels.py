@@ -402,6 +402,32 @@ def test_gradients_through_one_output_only():
         _close(x, y, f"softmax out: {n}")
 
 
+def test_strided_inputs_and_odd_head_dims():
+    """q, k, v as transposed views of [B, N, H, D] (a fused projection's layout), D = 24
+    (padded to 32 inside the kernel) and a value dim of 40."""
+    g = torch.Generator().manual_seed(6)
+    B, N, H = 1, 21, 2
+    q, k = (torch.randn(B, N, H, 24, generator=g).to(DEV).transpose(1, 2) for _ in range(2))
+    v = torch.randn(B, N, H, 40, generator=g).to(DEV).transpose(1, 2)
+    assert not q.is_contiguous()
+    kpm = torch.zeros(B, N, dtype=torch.bool, device=DEV)
+    kpm[0, -3:] = True
+    inp = dict(q=q, k=k, v=v, kpm=kpm, n_context=None, lw=None, lp=None)
+    out, kl, grads = _run_sinkhorn(inp, 2, blocks=(16, 16))
+    rout, rkl, rgrads = _run_sinkhorn(inp, 2, ref=True)
+    _close(out, rout, "out")
+    _close(kl, rkl, "kl", atol=2e-7)
+    for name, a, b in zip(GRAD_NAMES, grads, rgrads):
+        _close(a, b, name)
+    inp["n_context"] = torch.tensor([15], device=DEV)
+    out, mu, grads = _run_softmax(inp, True, blocks=(16, 16))
+    rout, rmu, rgrads = _run_softmax(inp, True, ref=True)
+    _close(out, rout, "out")
+    _close(mu, rmu, "mu")
+    for name, a, b in zip(GRAD_NAMES, grads, rgrads):
+        _close(a, b, name)
+
+
 def test_poison_hook_and_validation():
     assert os.environ.get("BAYESTRAIN_KERNELS_POISON") == "1"
     assert torch.isnan(new_buffer((3,), DEV)).all()

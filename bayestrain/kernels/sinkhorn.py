@@ -45,6 +45,7 @@ one extra row pass, skipped when it receives none).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from bayestrain.kernels.softmax import (
@@ -120,6 +121,7 @@ class SinkhornAttentionFunction(torch.autograd.Function):
         return out, kl
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dkl):
         q, k, v, out, log_rho, log_pi, key_bias, nctx, rl_n, f_n, g_n, log_mu, *rest = ctx.saved_tensors
         n = ctx.n_iters

@@ -33,6 +33,7 @@ import math
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -737,6 +738,7 @@ class SoftmaxMarginalFunction(torch.autograd.Function):
         return out, mu
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dmu):
         q, k, v, out, log_rho, rl, f, key_bias, nctx = ctx.saved_tensors
         geo = Geometry(q, k, v, nctx, ctx.causal, ctx.blocks)
