@@ -54,6 +54,30 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def export_safetensors(ckpt_path: str | Path, out_path: str | Path) -> Path:
+    """The model's weights from a training checkpoint as a ``.safetensors`` file (no pickle);
+    the run's configuration is stored in its metadata as JSON."""
+    import json
+
+    from safetensors.torch import save_file
+
+    ckpt = load_checkpoint(ckpt_path)
+    prefix = "model."
+    weights, seen = {}, {}
+    for name, tensor in ckpt["state_dict"].items():
+        if not name.startswith(prefix):
+            continue  # multipliers and metric states stay in the checkpoint
+        key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+        if key in seen:  # tied parameters (W_Q = W_K) are stored once
+            continue
+        seen[key] = name
+        weights[name[len(prefix):]] = tensor.contiguous()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out_path), metadata={"bayestrain_config": json.dumps(ckpt["bayestrain_config"])})
+    return out_path
+
+
 class PreemptionCheckpoint(pl.Callback):
     """Checkpoint on SIGTERM (a kill, a cluster's pre-emption notice) and SIGUSR1, then stop.
 

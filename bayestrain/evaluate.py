@@ -65,6 +65,10 @@ def evaluate(ckpt_path: str, split: str = "val", max_batches: int | None = None,
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    if cfg.get("export"):
+        from bayestrain.checkpoint import export_safetensors
+
+        print(f"exported the model weights to {export_safetensors(cfg.ckpt_path, cfg.export)}")
     evaluate(cfg.ckpt_path, cfg.split, cfg.max_batches, cfg.exact_baseline,
              HydraConfig.get().runtime.output_dir, cfg.seed)
 

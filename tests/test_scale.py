@@ -205,3 +205,21 @@ def test_dockerfile_is_pinned_and_copies_existing_files():
             assert word in {"FROM", "RUN", "COPY", "ADD", "ENV", "WORKDIR", "ENTRYPOINT", "CMD", "ARG",
                             "LABEL", "USER", "EXPOSE", "VOLUME", "SHELL", "HEALTHCHECK"}, line
     assert (ROOT / "docker" / "entrypoint.sh").is_file()
+
+
+def test_export_to_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from bayestrain.checkpoint import export_safetensors
+    from bayestrain.evaluate import module_from_checkpoint
+
+    train(make_cfg(tmp_path / "run", TINY + ["logger=none", "summary=false", "model.tied_qk=true"]))
+    ckpt_path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = export_safetensors(ckpt_path, tmp_path / "model.safetensors")
+    weights = load_file(out)
+    module, _, _ = module_from_checkpoint(load_checkpoint(ckpt_path))
+    missing, unexpected = module.model.load_state_dict(weights, strict=False)
+    assert not unexpected
+    assert all(".k_proj." in m for m in missing)  # only the tied alias is stored once
+    for name, tensor in weights.items():
+        assert torch.equal(module.model.state_dict()[name], tensor), name
