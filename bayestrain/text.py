@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -323,9 +324,13 @@ class TextClassificationDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         data = self._encode(split)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(data, batch_size=self.batch_size if shuffle else self.eval_batch_size, shuffle=shuffle,
-                          generator=g if shuffle else None, collate_fn=_Collate(pad), num_workers=self.num_workers)
+        lengths = [len(ids) for ids, _ in data]
+        if shuffle:
+            sampler = _BucketBatchSampler(lengths, self.batch_size, self.seed)
+        else:  # evaluation: by length (the metrics do not depend on the order), least padding
+            order = sorted(range(len(data)), key=lambda i: (lengths[i], i))
+            sampler = [order[i : i + self.eval_batch_size] for i in range(0, len(order), self.eval_batch_size)]
+        return DataLoader(data, batch_sampler=sampler, collate_fn=_Collate(pad), num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -335,6 +340,31 @@ class TextClassificationDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
+
+
+class _BucketBatchSampler:
+    """Shuffled batches of similar lengths (less padding): each epoch, a seeded permutation is
+    cut into pools of 50 batches, each pool sorted by length and cut into batches, and the
+    batches shuffled.  Deterministic given the seed and the epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, pool: int = 50):
+        self.lengths, self.batch_size, self.seed, self.pool = lengths, batch_size, seed, pool
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        size = self.batch_size * self.pool
+        batches = []
+        for start in range(0, len(perm), size):
+            chunk = sorted(perm[start : start + size], key=lambda i: self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        for j in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[j]
 
 
 def _stratified_head(pairs: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:

@@ -21,6 +21,26 @@ os.environ.setdefault("WANDB_MODE", "offline")  # no API key here: never block o
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def compose_config(overrides: list[str], output_dir: str | Path, config_name: str = "train") -> DictConfig:
+    """The config ``bayestrain-train`` would run with these overrides, composed in-process (for
+    scripts, notebooks and tests), its run folder set to ``output_dir``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    conf_dir = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        del cfg.hydra
+    return cfg
+
+
 def build(cfg: DictConfig) -> dict:
     """Instantiate task, data, model, conditions and the Lightning module from a composed
     config.  ``task`` may be null (real data); the model then takes no ``vocab_size``."""

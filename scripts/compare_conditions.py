@@ -16,26 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-
 from bayestrain.report import summary_table
-from bayestrain.train import train
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from bayestrain.train import compose_config, train
 
 
 def run(overrides: list[str], out: Path) -> tuple[dict, float]:
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        del cfg.hydra
+    cfg = compose_config(overrides, out)
     start = time.perf_counter()
     result = train(cfg)
     return result["summary"], time.perf_counter() - start

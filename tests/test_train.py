@@ -8,13 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
-from bayestrain.train import build, train
+from bayestrain.train import build, compose_config, train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TINY = [
@@ -29,16 +26,7 @@ def options(group: str) -> list[str]:
 
 
 def make_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train"):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        del cfg.hydra
-    return cfg
+    return compose_config(overrides, tmp_path, config_name)
 
 
 @pytest.mark.parametrize("group", ["task", "model", "condition", "module", "optimizer", "data", "trainer", "logger", "callbacks"])
