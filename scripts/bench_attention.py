@@ -9,11 +9,12 @@ repeats, CUDA events), peak memory of forward+backward above the inputs, the rat
 FLOP count (per head, non-causal; one "unit" = one N x N x D matmul = 2 N^2 D FLOPs):
   flash / SDPA:      forward 2 units, backward 5 (QK^T, dP = dO V^T, dV, dQ, dK): 3.5 x 4 N^2 D
   softmax + mu:      forward 3 (+ the marginal pass), backward 5 (+1 when mu gets a gradient)
-  sinkhorn, n iters: forward 2n + 3, backward 2n + 7 (+1 when the residual gets a gradient),
-                     i.e. (4n + 10) / 7 times flash's forward+backward.  DESIGN.md estimates
-                     (8n + 10) / 7, the cost of backpropagating every half-iteration separately
-                     (3 units each); the kernels propagate the adjoints with one unit per
-                     half-iteration and form dS once.
+  sinkhorn, n iters: forward 2n + 3, backward 2n + 6 (+1 when the residual gets a gradient),
+                     i.e. (4n + 9) / 7 times flash's forward+backward (n = 0: 8 / 7).
+                     DESIGN.md estimates (8n + 10) / 7, the cost of backpropagating every
+                     half-iteration separately (3 units each); the kernels propagate the
+                     adjoints with one unit per half-iteration and form dS once.  Exponentials:
+                     6n + 3 per N^2 (flash: 2).
   the benchmark's backward is through `out` only.  Causal attention counts half.
 
 Usage:  python scripts/bench_attention.py                 # CUDA, bf16, N = 512 .. 32768
@@ -51,7 +52,7 @@ def flops(method: str, n_iters: int, B: int, H: int, N: int, D: int, backward: b
     elif method == "softmax":
         units = 3 + (5 if backward else 0)
     else:
-        units = 2 * n_iters + 3 + ((2 * n_iters + 7) if backward and n_iters > 0 else 5 if backward else 0)
+        units = 2 * n_iters + 3 + ((2 * n_iters + 6) if backward and n_iters > 0 else 5 if backward else 0)
     return units * per
 
 
@@ -134,6 +135,8 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
     print(f"# device: {name}; dtype {args.dtype}; heads {args.heads}; batch = max(1, {args.tokens} // N)")
     print("# times: median ms; x sdpa / x ref: fwd+bwd time ratios; TFLOP/s of fwd+bwd on counted FLOPs")
+    if args.tiny:
+        print("# --tiny: a smoke test of the table (interpreter timings say nothing about performance)")
     header = (f"{'method':<30} {'N':>6} {'D':>4} {'B':>3} {'fwd ms':>9} {'fwd+bwd ms':>11} "
               f"{'x sdpa':>7} {'x ref':>7} {'peak MiB':>9} {'TFLOP/s':>8}")
     print(header)

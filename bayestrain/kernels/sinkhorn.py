@@ -34,10 +34,11 @@ log-normalisers, O(n N)).  With ``P^t_ij = exp(f^{t-1}_i + S_ij - cl^t_j)`` (col
 
 FLOPs (counting each N x N x D matmul as one unit; flash forward = 2, forward+backward = 7):
 forward ``2n + 3`` (n + 1 row passes, n column passes, PV, the marginal pass), backward
-``2n + 7`` (+1 when the residual receives a gradient): pass 1 (QK, dO V^T, P^T dO), ``2n - 1``
-adjoint passes (one QK each), final pass (QK, dO V^T, dS q, dS k).  Total about
-``(4 n + 10) / 7`` times flash attention's; the exponentials are ``(6 n + 4)`` N x N
-evaluations (flash: 2).
+``2n + 6`` (+1 when the residual receives a gradient): pass 1 (QK, dO V^T, P^T dO), ``2n - 1``
+adjoint passes (one QK each), final pass (QK, dO V^T, dS q, dS k).  Total ``(4 n + 9) / 7``
+times flash attention's (DESIGN.md's ``(8 n + 10) / 7`` backpropagates each half-iteration
+separately, three matmuls each); the exponentials are ``6 n + 3`` N x N evaluations (flash:
+2), which bound the speed at D = 64 as much as the matmuls do.
 
 The residual ``KL(pi || mu)`` per head is returned and is differentiable (its gradient costs
 one extra row pass, skipped when it receives none).

@@ -577,7 +577,8 @@ class Geometry:
         bwd_kernel(
             self.col_grid(), self.blocks,
             q, k, v, do,
-            dq if dq is not None else dummy, dk if dk is not None else dummy,
+            # DQ is zeroed by the autotuner between trials: never alias it to a live buffer
+            dq if dq is not None else torch.zeros(1, device=dev), dk if dk is not None else dummy,
             dv if dv is not None else dummy, db if db is not None else dummy,
             rl, c, lr if lr is not None else dummy,
             *(marginal if marginal is not None else (dummy, dummy)), delta,
@@ -595,11 +596,6 @@ class Geometry:
 def plus_inf_for_neg_inf(x: Tensor) -> Tensor:
     """A log-normaliser with +inf where it is -inf, so exp(x - lse) vanishes there."""
     return torch.where(x == NEG_INF, float("inf"), x)
-
-
-def neg_or_neg_inf(x: Tensor) -> Tensor:
-    """-x, with -inf where x is -inf (never +inf)."""
-    return torch.where(x == NEG_INF, NEG_INF, -x)
 
 
 # --------------------------------------------------------------------------------------------
