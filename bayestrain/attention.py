@@ -42,6 +42,7 @@ def masked_logsumexp(x: Tensor, mask: Tensor, dim: int) -> Tensor:
     selected.  Its gradient is finite everywhere (zero for fully masked slices): the masked
     entries are replaced by a finite value before the reduction, so ``exp(x - lse)`` is never
     ``exp(-inf + inf)``."""
+    mask = mask & ~torch.isneginf(x)  # a -inf entry contributes nothing, and must not in backward
     empty = ~mask.any(dim=dim, keepdim=True)
     x = x.masked_fill(~mask, _NEG_INF).masked_fill(empty, 0.0)
     return torch.logsumexp(x, dim=dim).masked_fill(empty.squeeze(dim), _NEG_INF)
@@ -180,12 +181,38 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def _pick_backend(backend: str, q: Tensor) -> str:
+def _pick_backend(backend: str, q: Tensor, attn_mask: Tensor | None, return_weights: bool) -> str:
+    """The fused kernels take the ``set`` layout as ``n_context`` and never build weights: a
+    general ``attn_mask``, returned weights or float64 go to the PyTorch path."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    fusable = attn_mask is None and not return_weights and q.dtype != torch.float64
     if backend == "auto":
-        return "triton" if q.is_cuda and _triton_available() else "torch"
+        return "triton" if fusable and q.is_cuda and _triton_available() else "torch"
+    if backend == "triton" and not fusable:
+        raise ValueError(
+            "backend='triton' takes no attn_mask (use n_context for the set layout), returns no weights "
+            "and runs in fp32/bf16/fp16; use backend='torch' for the rest"
+        )
     return backend
+
+
+def _context_layout(q: Tensor, n_context, attn_mask, log_query_weights):
+    """``n_context`` (the set layout: rows/keys ``< n_context[b]`` are the context, later rows
+    are targets that see the context only and carry no query weight) as a PyTorch mask and
+    query weights, for the PyTorch path."""
+    B, _, N, _ = q.shape
+    n = torch.as_tensor(n_context, device=q.device).reshape(-1).expand(B)
+    ctx = torch.arange(N, device=q.device)[None, :] < n[:, None]  # (B, N)
+    mask = ctx[:, None, None, :]
+    attn_mask = mask if attn_mask is None else attn_mask & mask
+    if log_query_weights is None:
+        n_q = ctx.sum(-1, keepdim=True).clamp_min(1).to(torch.promote_types(q.dtype, torch.float32))
+        log_query_weights = torch.where(ctx, -torch.log(n_q), _NEG_INF)
+    else:
+        w = log_query_weights
+        log_query_weights = torch.where(ctx if w.dim() <= 2 else ctx[:, None], w, _NEG_INF)
+    return attn_mask, log_query_weights
 
 
 def _triton_available() -> bool:
@@ -208,6 +235,7 @@ def sinkhorn_attention(
     backend: str = "auto",
     return_residual: bool = False,
     return_weights: bool = False,
+    n_context: Tensor | int | None = None,
 ):
     """Prior-consistent attention: the key marginal of ``rho (x) A`` is driven to ``pi``.
 
@@ -215,6 +243,10 @@ def sinkhorn_attention(
     over visible keys); ``log_query_weights: [Q] | [B, Q]`` (log rho, default uniform over valid
     queries).  Rows are exactly normalised; the key marginal converges to ``pi`` linearly in
     ``n_iters`` (``n_iters = 0`` is softmax).  Gradients are those of the unrolled iterations.
+
+    ``n_context: LongTensor[B] | int`` gives the ``set`` layout without a mask: rows and keys
+    before ``n_context[b]`` are the context, later rows are targets that see the context only
+    and carry no query weight (the form the fused Triton kernel takes).
 
     Returns ``out: [B, H, Q, D]``, then ``residual = KL(pi || mu): [B, H]`` if
     ``return_residual``, then the weights ``[B, H, Q, K]`` if ``return_weights`` (torch only).
@@ -224,13 +256,16 @@ def sinkhorn_attention(
     _check_qkv(q, k, v)
     if not isinstance(n_iters, int) or n_iters < 0:
         raise ValueError(f"n_iters must be an int >= 0, got {n_iters!r}")
-    if _pick_backend(backend, q) == "triton" and not return_weights:
+    if _pick_backend(backend, q, attn_mask, return_weights) == "triton":
         from bayestrain.kernels import sinkhorn_attention as _triton_sinkhorn
 
         out, kl = _triton_sinkhorn(
-            q, k, v, log_prior, log_query_weights, key_padding_mask, attn_mask, n_iters
+            q, k, v, log_prior=log_prior, log_query_weights=log_query_weights,
+            key_padding_mask=key_padding_mask, n_context=n_context, n_iters=n_iters,
         )
         return (out, kl) if return_residual else out
+    if n_context is not None:
+        attn_mask, log_query_weights = _context_layout(q, n_context, attn_mask, log_query_weights)
 
     def g_fn(scores, allowed, log_rho, log_pi):
         return sinkhorn_potentials(scores, allowed, log_rho, log_pi, n_iters)
@@ -256,6 +291,7 @@ def softmax_attention(
     causal: bool = False,
     backend: str = "auto",
     return_weights: bool = False,
+    n_context: Tensor | int | None = None,
 ):
     """Softmax attention that also returns the key marginal ``mu_j = sum_i rho_i A_ij``.
 
@@ -264,14 +300,17 @@ def softmax_attention(
     penalty can be trained from the marginals alone.
     """
     _check_qkv(q, k, v)
+    if _pick_backend(backend, q, attn_mask, return_weights) == "triton":
+        from bayestrain.kernels import softmax_attention as _triton_softmax
+
+        return _triton_softmax(q, k, v, log_query_weights=log_query_weights,
+                               key_padding_mask=key_padding_mask, n_context=n_context, causal=causal)
     if causal:
         Q, K = q.shape[-2], k.shape[-2]
         tri = torch.ones(Q, K, dtype=torch.bool, device=q.device).tril(K - Q)
         attn_mask = tri if attn_mask is None else attn_mask & tri
-    if _pick_backend(backend, q) == "triton" and not return_weights:
-        from bayestrain.kernels import softmax_attention as _triton_softmax
-
-        return _triton_softmax(q, k, v, log_query_weights, key_padding_mask, attn_mask)
+    if n_context is not None:
+        attn_mask, log_query_weights = _context_layout(q, n_context, attn_mask, log_query_weights)
 
     def g_fn(scores, allowed, log_rho, log_pi):
         return scores.new_zeros(scores.shape[:-2] + scores.shape[-1:])

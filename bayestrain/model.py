@@ -90,6 +90,7 @@ class _Ctx:
     cache: list = field(default_factory=list)  # filled with per-layer (k, v) when asked
     want_cache: bool = False
     log_prior: Tensor | None = None  # [B, K] Sinkhorn prior over keys (None = uniform)
+    n_context: Tensor | None = None  # [B] set layout: context length (the fused kernels' form)
     residuals: list = field(default_factory=list)  # per-layer Sinkhorn KL(pi || mu): [B, H]
 
 
@@ -136,11 +137,17 @@ class SelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if ctx.past is not None:  # branch tokens see their cached prefix, then themselves
             out = _branch_attention(q, k, v, *ctx.past[layer], ctx.allowed)
+        elif self.attention == "sinkhorn" and trace is None and ctx.n_context is not None:
+            # no read-out needed: the set layout as n_context, which the fused kernel takes
+            out, kl = sinkhorn_attention(
+                q, k, v, log_prior=ctx.log_prior, n_context=ctx.n_context, n_iters=self.n_iters,
+                backend=self.backend, return_residual=True,
+            )  # (B, H, Q, D), (B, H)
+            ctx.residuals.append(kl)
         elif self.attention == "sinkhorn":
             out, kl, w = sinkhorn_attention(
                 q, k, v, log_prior=ctx.log_prior, log_query_weights=ctx.log_rho, attn_mask=ctx.allowed,
-                n_iters=self.n_iters, backend=self.backend, return_residual=True,
-                return_weights=True,
+                n_iters=self.n_iters, backend="torch", return_residual=True, return_weights=True,
             )  # (B, H, Q, D), (B, H), (B, H, Q, K)
             ctx.residuals.append(kl)
             self._record(trace, w, kl, ctx)
@@ -150,7 +157,7 @@ class SelfAttention(nn.Module):
         else:
             out, mu, w = softmax_attention(
                 q, k, v, log_query_weights=ctx.log_rho, attn_mask=ctx.allowed, causal=causal,
-                backend=self.backend, return_weights=True,
+                backend="torch", return_weights=True,
             )
             self._record(trace, w, None, ctx)
         if p and (self.attention == "sinkhorn" or ctx.return_attn is not None):
@@ -388,7 +395,8 @@ class BayesTransformer(nn.Module):
         if self.log_prior is not None:
             lp = self.log_prior[:L].masked_fill(~in_ctx, float("-inf"))  # (B, L)
             log_prior = lp - torch.logsumexp(lp, -1, keepdim=True)
-        ctx = _Ctx(allowed=allowed[:, None], log_rho=log_rho, pos=pos, return_attn=return_attn, log_prior=log_prior)
+        ctx = _Ctx(allowed=allowed[:, None], log_rho=log_rho, pos=pos, return_attn=return_attn,
+                   log_prior=log_prior, n_context=cut + 1)
         trace = None
         if return_attn is not None:
             trace = AttentionTrace(return_attn, self.layout)
