@@ -197,7 +197,7 @@ def _pick_backend(backend: str, q: Tensor, attn_mask: Tensor | None, return_weig
     return backend
 
 
-def _context_layout(q: Tensor, n_context, attn_mask, log_query_weights):
+def _context_layout(q: Tensor, n_context, attn_mask, log_query_weights, key_padding_mask=None):
     """``n_context`` (the set layout: rows/keys ``< n_context[b]`` are the context, later rows
     are targets that see the context only and carry no query weight) as a PyTorch mask and
     query weights, for the PyTorch path."""
@@ -207,8 +207,9 @@ def _context_layout(q: Tensor, n_context, attn_mask, log_query_weights):
     mask = ctx[:, None, None, :]
     attn_mask = mask if attn_mask is None else attn_mask & mask
     if log_query_weights is None:
-        n_q = ctx.sum(-1, keepdim=True).clamp_min(1).to(torch.promote_types(q.dtype, torch.float32))
-        log_query_weights = torch.where(ctx, -torch.log(n_q), _NEG_INF)
+        weighted = ctx if key_padding_mask is None else ctx & ~key_padding_mask
+        n_q = weighted.sum(-1, keepdim=True).clamp_min(1).to(torch.promote_types(q.dtype, torch.float32))
+        log_query_weights = torch.where(weighted, -torch.log(n_q), _NEG_INF)
     else:
         w = log_query_weights
         log_query_weights = torch.where(ctx if w.dim() <= 2 else ctx[:, None], w, _NEG_INF)
@@ -265,7 +266,7 @@ def sinkhorn_attention(
         )
         return (out, kl) if return_residual else out
     if n_context is not None:
-        attn_mask, log_query_weights = _context_layout(q, n_context, attn_mask, log_query_weights)
+        attn_mask, log_query_weights = _context_layout(q, n_context, attn_mask, log_query_weights, key_padding_mask)
 
     def g_fn(scores, allowed, log_rho, log_pi):
         return sinkhorn_potentials(scores, allowed, log_rho, log_pi, n_iters)
@@ -310,7 +311,7 @@ def softmax_attention(
         tri = torch.ones(Q, K, dtype=torch.bool, device=q.device).tril(K - Q)
         attn_mask = tri if attn_mask is None else attn_mask & tri
     if n_context is not None:
-        attn_mask, log_query_weights = _context_layout(q, n_context, attn_mask, log_query_weights)
+        attn_mask, log_query_weights = _context_layout(q, n_context, attn_mask, log_query_weights, key_padding_mask)
 
     def g_fn(scores, allowed, log_rho, log_pi):
         return scores.new_zeros(scores.shape[:-2] + scores.shape[-1:])

@@ -797,16 +797,9 @@ def reference_layout(q, key_padding_mask, n_context, log_query_weights, causal=F
     ``n_context`` (the ``set`` layout) -- identity when ``n_context`` is None."""
     if n_context is None:
         return None, log_query_weights
-    lay = Layout(q, key_padding_mask, n_context, causal)
-    attn_mask = lay.ctx[:, None, None, :]  # (B, 1, 1, K): only context keys
-    if log_query_weights is None:
-        n_q = lay.weighted.sum(-1, keepdim=True).clamp_min(1).to(torch.float64)
-        lqw = torch.where(lay.weighted, -torch.log(n_q), NEG_INF)
-    else:
-        w = log_query_weights
-        ctx = lay.ctx if w.dim() <= 2 else lay.ctx[:, None]
-        lqw = torch.where(ctx, w, NEG_INF)
-    return attn_mask, lqw
+    from bayestrain.attention import _context_layout
+
+    return _context_layout(q, n_context, None, log_query_weights, key_padding_mask)
 
 
 def softmax_attention_ref(
