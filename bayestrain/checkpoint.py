@@ -28,6 +28,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from the team
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
