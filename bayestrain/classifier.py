@@ -305,7 +305,7 @@ class TextClassifierModule(pl.LightningModule):
     def _log_eval(self, stage: str, ev: ClassifierEvaluator) -> None:
         values = ev.compute()
         self.log_dict({f"{stage}/{k}": v.float() for k, v in values.items()})
-        if self.temperature_scaling:
+        if self.temperature_scaling and bool(self.temperature_fitted):
             self.log(f"{stage}/temperature", float(self.temperature))
         self.last_reliability = ev.calibration.reliability.compute()
         ev.reset()
@@ -346,6 +346,7 @@ class TextClassifierModule(pl.LightningModule):
         t = self.fit_temperature_(self.trainer.datamodule.val_dataloader())
         cb = self.trainer.checkpoint_callback
         if cb is not None and getattr(cb, "dirpath", None):
+            # a full checkpoint: weights-only ones skip the callbacks, so they lack the stored config
             self.trainer.save_checkpoint(Path(cb.dirpath) / "calibrated.ckpt")
         print(f"temperature scaling: T = {t:.4f} (fitted on the validation split)")
 

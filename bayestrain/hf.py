@@ -261,15 +261,24 @@ class AttentionRecorder:
 
 
 @contextmanager
-def record_attention(kind: str = "marginals", query_mask: Tensor | None = None, layout: str = "bidirectional"):
+def record_attention(kind: str = "marginals", query_mask: Tensor | None = None, layout: str = "bidirectional",
+                     require: bool = False):
     """``with record_attention("marginals", attention_mask.bool()) as rec: model(...)``; then
-    ``rec.trace`` is the per-layer :class:`~bayestrain.model.AttentionTrace` of that pass."""
+    ``rec.trace`` is the per-layer :class:`~bayestrain.model.AttentionTrace` of that pass.
+    ``require=True``: a pass that recorded nothing (the model does not run bayestrain's
+    attention) is an error."""
     rec = AttentionRecorder(kind, query_mask, layout)
     token = _RECORDER.set(rec)
     try:
         yield rec
     finally:
         _RECORDER.reset(token)
+    if require and rec.calls == 0:
+        raise ValueError(
+            "no attention was recorded: the model does not run bayestrain's registered attention "
+            "(attn_implementation bayestrain_softmax / bayestrain_sinkhorn); the block-level "
+            "conditions need model.attention=softmax or sinkhorn, not sdpa/eager"
+        )
 
 
 def _allowed_from_mask(mask: Tensor | None) -> Tensor | None:
@@ -331,21 +340,33 @@ def _attention(kind: str, module, query, key, value, attention_mask, dropout=0.0
     if valid is not None:
         n = valid.sum(-1, keepdim=True).clamp_min(1).to(work)
         log_rho = torch.where(valid, -torch.log(n), float("-inf"))
-    attn_mask = allowed
-    if causal:
-        attn_mask = torch.ones(Q, K, dtype=torch.bool, device=query.device).tril(K - Q)
-    want_weights = bool(kwargs.get("output_attentions")) or (rec is not None and rec.kind != "residuals")
+    # transformers' masks -> the forms bayestrain's fused kernels take: a key-padding mask
+    # (padded tokens are neither keys nor queries) plus the causal flag where that is exact,
+    # a general boolean mask otherwise (e.g. the 4D branch masks of HFCausalPredictor)
+    attn_mask, key_padding_mask = allowed, None
+    if allowed is not None and Q == K and allowed.shape[1] == 1:
+        keys = allowed.any(-2)[:, 0]  # [B, K]
+        pattern = keys[:, None, :].expand(allowed.shape[0], Q, K)
+        if causal_module:
+            pattern = pattern & torch.ones(Q, K, dtype=torch.bool, device=query.device).tril()
+        if torch.equal(allowed[:, 0], pattern):
+            attn_mask, key_padding_mask = None, ~keys.expand(B, K)
+            causal = causal_module
+    # full weights only where asked for (or, for Sinkhorn, to form its key marginal): otherwise
+    # the fused path (Triton on CUDA) gives the output and, for softmax, the key marginal
+    need = ("weights",) if kind == "softmax" else ("weights", "marginals")
+    want_weights = bool(kwargs.get("output_attentions")) or (rec is not None and rec.kind in need)
     backend = "torch" if want_weights else getattr(getattr(module, "config", None), "bayestrain_backend", "auto")
     weights = mu = residual = None
     if kind == "softmax":
-        res = softmax_attention(query, key, value, log_query_weights=log_rho, attn_mask=attn_mask,
-                                backend=backend, return_weights=want_weights)
+        res = softmax_attention(query, key, value, log_query_weights=log_rho, key_padding_mask=key_padding_mask,
+                                attn_mask=attn_mask, causal=causal, backend=backend, return_weights=want_weights)
         out, mu = res[0], res[1]
         weights = res[2] if want_weights else None
     else:
         n_iters = int(getattr(getattr(module, "config", None), "bayestrain_n_iters", 3))
-        res = sinkhorn_attention(query, key, value, log_query_weights=log_rho, attn_mask=attn_mask,
-                                 n_iters=n_iters, backend=backend, return_residual=True,
+        res = sinkhorn_attention(query, key, value, log_query_weights=log_rho, key_padding_mask=key_padding_mask,
+                                 attn_mask=attn_mask, n_iters=n_iters, backend=backend, return_residual=True,
                                  return_weights=want_weights)
         out, residual = res[0], res[1]
         if want_weights:
@@ -499,6 +520,7 @@ class HFSequenceClassifier(nn.Module):
         self.head = nn.Linear(cfg.hidden_size, self.num_labels)
         nn.init.normal_(self.head.weight, std=getattr(cfg, "initializer_range", 0.02))
         nn.init.zeros_(self.head.bias)
+        self.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
                 return_attn: str | None = None):
@@ -508,7 +530,7 @@ class HFSequenceClassifier(nn.Module):
         if return_attn is None:
             h = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
             return self._head(h, attention_mask)
-        with record_attention(return_attn, attention_mask.bool(), self.layout) as rec:
+        with record_attention(return_attn, attention_mask.bool(), self.layout, require=True) as rec:
             h = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
         return self._head(h, attention_mask), rec.trace
 
@@ -538,8 +560,6 @@ class HFCausalPredictor(nn.Module):
 
     def __init__(self, lm: nn.Module, vocab_size: int, bos_token_id: int | None = None, attention: str = "softmax"):
         super().__init__()
-        if attention not in ("softmax", "sdpa", "eager"):
-            set_attention(lm, attention)  # raises for sinkhorn: causal
         if not is_causal_model(lm):
             raise ValueError(f"HFCausalPredictor needs a causal LM, {type(lm).__name__} is not causal")
         self.lm, self.vocab_size = lm, int(vocab_size)
@@ -551,8 +571,9 @@ class HFCausalPredictor(nn.Module):
                 f"LM's {n_vocab}-row vocabulary"
             )
         self.max_len = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", None)
-        self.attention = "softmax"
-        set_attention(lm, attention)
+        set_attention(lm, attention)  # refuses sinkhorn: causal
+        self.attention = attention
+        self.train()
 
     def _logp(self, tokens: Tensor, **kw) -> Tensor:
         logits = self.lm(input_ids=tokens, use_cache=False, **kw).logits[..., : self.vocab_size]
@@ -578,7 +599,7 @@ class HFCausalPredictor(nn.Module):
         tokens = torch.cat([x.new_full((x.shape[0], 1), self.bos), x[:, :-1]], 1)
         if return_attn is None:
             return ModelOutput(self._logp(tokens))
-        with record_attention(return_attn, torch.ones_like(tokens, dtype=torch.bool), "causal") as rec:
+        with record_attention(return_attn, torch.ones_like(tokens, dtype=torch.bool), "causal", require=True) as rec:
             logp = self._logp(tokens)
         return ModelOutput(logp, rec.trace)
 
@@ -717,8 +738,8 @@ def _pretrain_bayes_transformer(task, steps: int, seq_len: int, batch_size: int,
 
 
 def causal_predictor(vocab_size: int, source: str | None = None, export_dir: str | None = None,
-                     pretrain_task=None, pretrain_steps: int = 500, pretrain_seq_len: int = 32,
-                     pretrain_batch_size: int = 64, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
+                     pretrain_task=None, pretrain_steps: int = 200, pretrain_seq_len: int = 32,
+                     pretrain_batch_size: int = 32, d_model: int = 64, n_layers: int = 2, n_heads: int = 4,
                      max_len: int = 128, attention: str = "softmax", seed: int = 0,
                      offline: bool | None = None) -> HFCausalPredictor:
     """Hydra factory of ``experiment=finetune_lm_windtunnel``: a causal model trained by
@@ -736,21 +757,14 @@ def causal_predictor(vocab_size: int, source: str | None = None, export_dir: str
     export_dir = Path(export_dir)
     if source is None and (export_dir / "config.json").is_file():
         return load_causal_predictor(export_dir, vocab_size, attention, offline)
-    if source is not None:
-        from omegaconf import OmegaConf
-
+    if source is not None:  # a bayestrain run: rebuilt from the config stored in its checkpoint
         from bayestrain.checkpoint import load_checkpoint
+        from bayestrain.evaluate import module_from_checkpoint
 
-        ckpt = load_checkpoint(source)
-        mcfg = OmegaConf.create(ckpt["bayestrain_config"])["model"]
-        from hydra.utils import instantiate
-
-        tcfg = OmegaConf.create(ckpt["bayestrain_config"]).get("task")
-        kw = {"vocab_size": instantiate(tcfg).vocab_size} if tcfg is not None and "vocab_size" in mcfg else {}
-        bt = instantiate(mcfg, **kw)
-        prefix = "model."
-        bt.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
-        bt.eval()
+        bt = module_from_checkpoint(load_checkpoint(source))[0].model
+        if isinstance(bt, HFCausalPredictor):  # already a Hugging Face LM (a fine-tune of a fine-tune)
+            bt.lm.save_pretrained(export_dir)
+            return load_causal_predictor(export_dir, vocab_size, attention, offline)
     else:
         if pretrain_task is None:
             raise ValueError("causal_predictor: give source (a folder or .ckpt) or pretrain_task (a wind tunnel)")

@@ -213,7 +213,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
     Args:
         train_file, val_file, test_file: ``.csv``/``.tsv`` (header row) or ``.jsonl`` files; a
             missing val/test file is carved out of the training file (``val_fraction``,
-            ``test_fraction``, deterministic by text hash).
+            ``test_fraction``, deterministic by text hash).  A text in two splits is kept in
+            the evaluation one (test, then val) and dropped from training.
         labels: the class names in index order; a label outside them is refused, naming it.
             ``None``: the sorted labels of the training file.
         text_column, label_column: the column (key) names.
@@ -258,7 +259,13 @@ class TextClassificationDataModule(pl.LightningDataModule):
         train_file, val_file, test_file = self._files
         if train_file is None:
             raise ValueError("data.train_file is required (a .csv or .jsonl file with text and label columns)")
-        read = lambda f: list(zip(*read_labelled_file(f, self.text_column, self.label_column, self.labels)))  # noqa: E731
+        def read(f):
+            pairs, dropped, conflicts = _dedup(list(zip(*read_labelled_file(f, self.text_column, self.label_column,
+                                                                          self.labels))))
+            if conflicts:
+                warnings.warn(f"{f}: dropped {conflicts} texts that appear under more than one label", stacklevel=3)
+            return pairs
+
         train = read(train_file)
         if self.labels is None:  # inferred from the training file; val/test are checked against them
             self.labels = sorted({y for _, y in train})
@@ -276,9 +283,10 @@ class TextClassificationDataModule(pl.LightningDataModule):
 
     def _load(self) -> None:
         splits = self._read_splits()
-        # a text in two splits (or twice) counts once, in the earliest split: no leakage
+        # a text in two splits (or twice) counts once: kept in the evaluation split (test, then
+        # val) and dropped from training, so nothing leaks and the given val/test sets stay whole
         seen: set[str] = set()
-        for split in SPLITS:
+        for split in reversed(SPLITS):
             kept = []
             for text, y in splits[split]:
                 k = normalise(text)

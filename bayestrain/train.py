@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from bayestrain.config import register_schemas
 
 register_schemas()
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 os.environ.setdefault("WANDB_MODE", "offline")  # no API key here: never block on a login
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -28,8 +29,7 @@ def compose_config(overrides: list[str], output_dir: str | Path, config_name: st
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    conf_dir = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(version_base="1.3", config_dir=str(conf_dir)):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
@@ -161,7 +161,8 @@ def objective(cfg: DictConfig, result: dict) -> float:
     return float(value)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+# an absolute folder: console scripts (bayestrain-train/-eval) find conf/ as python -m does
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     _refuse_multirun_ddp(cfg)
     _group_sweep_runs(cfg)
