@@ -164,14 +164,27 @@ class BayesLitModule(pl.LightningModule):
     # -- training ------------------------------------------------------------------------
     def training_step(self, x: Tensor, batch_idx: int) -> Tensor:
         gen = self._generator()
+        # Projection-mode conditions are enforced by their projection and never enter the loss:
+        # their violation is a diagnostic, evaluated (without autograd) only on the steps whose
+        # on_step values reach the logger (every log_every_n_steps, as Lightning decides) and on
+        # the first step.  The main pass asks for attention read-outs / the key-value cache only
+        # when a condition evaluated this step needs them.
+        conditions = self.conditions
+        needs_attn, needs_cache = self._needs_attn, self._needs_cache
+        every = max(1, int(getattr(self._trainer, "log_every_n_steps", 1) or 1))
+        log_due = self.global_step == 0 or (self.global_step + 1) % every == 0
+        if not log_due and any(c.mode == "projection" for c in conditions.values()):
+            conditions = {n: c for n, c in conditions.items() if c.mode != "projection"}
+            needs_attn = _needs_attn(conditions.values())
+            needs_cache = any(c.needs_cache for c in conditions.values())
         causal = getattr(self.model, "layout", "causal") == "causal"
         if causal:
-            out = self.model.run(x, return_attn=self._needs_attn, return_cache=self._needs_cache)
+            out = self.model.run(x, return_attn=needs_attn, return_cache=needs_cache)
             logp = out.logp  # (B, T, V)
             loss_task = -logp.gather(-1, x[..., None]).mean()
         else:  # set / bidirectional: one context length per sequence
             cut = torch.randint(0, x.shape[1], (x.shape[0],), device=x.device, generator=gen)
-            out = self.model.run(x, cut=cut, return_attn=self._needs_attn)
+            out = self.model.run(x, cut=cut, return_attn=needs_attn)
             logp = None  # sequence conditions recompute the full predictive themselves
             loss_task = -out.logp[:, 0].gather(-1, x.gather(1, cut[:, None])).mean()
 
@@ -179,8 +192,8 @@ class BayesLitModule(pl.LightningModule):
             self.log("train/sinkhorn_residual", out.residual.detach(), on_step=True, on_epoch=True)
         inp = ConditionInput(self.model, x, logp=logp, cache=out.cache, attn=out.attn, generator=gen)
         total = loss_task
-        for name, cond in self.conditions.items():
-            if cond.mode == "measure":
+        for name, cond in conditions.items():
+            if cond.mode in ("measure", "projection"):  # logged only: no autograd graph
                 with torch.no_grad():
                     state = cond.violation(inp, training=True)
             else:

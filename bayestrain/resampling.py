@@ -108,20 +108,31 @@ class _CachedRoller:
             return None
         return cls(model, _Ctx)
 
-    def start(self, x: Tensor) -> tuple[Tensor, list]:
+    def start(self, x: Tensor, horizon: int) -> tuple[Tensor, dict]:
+        """One pass over ``[BOS] + x``; the per-layer keys/values go into buffers with room for
+        ``horizon`` more tokens (written in place: no per-step concatenation)."""
         N, n = x.shape
         out = self.model.run(torch.cat([x, x.new_zeros(N, 1)], 1), return_cache=True)
-        return out.logp[:, n], [(k, v) for k, v in out.cache]
+        L0 = n + 1
+        bufs = []
+        for k, v in out.cache:
+            kb = k.new_zeros(*k.shape[:2], L0 + horizon, k.shape[-1])
+            vb = v.new_zeros(*v.shape[:2], L0 + horizon, v.shape[-1])
+            kb[:, :, :L0], vb[:, :, :L0] = k, v
+            bufs.append((kb, vb))
+        return out.logp[:, n], {"bufs": bufs, "len": L0}
 
-    def step(self, cache: list, y: Tensor) -> tuple[Tensor, list]:
+    def step(self, state: dict, y: Tensor) -> tuple[Tensor, dict]:
         """Append ``y: [N]`` at the next position; ``log p`` of the following token ``[N, V]``."""
-        L = cache[0][0].shape[2]  # BOS + tokens so far: y sits at position L
+        L, bufs = state["len"], state["bufs"]  # BOS + tokens so far: y sits at position L
         pos = torch.tensor([L], device=y.device)
-        see = torch.ones(1, L, dtype=torch.bool, device=y.device)
-        ctx = self._Ctx(allowed=see, log_rho=None, pos=pos, past=cache, want_cache=True)
+        see = (torch.arange(bufs[0][0].shape[2], device=y.device) < L)[None, :]  # (1, L_max)
+        ctx = self._Ctx(allowed=see, log_rho=None, pos=pos, past=bufs, want_cache=True)
         logp = self.model._trunk(self.model._embed(y[:, None], pos), ctx, None)[:, 0]
-        new = [(torch.cat([k, k1], 2), torch.cat([v, v1], 2)) for (k, v), (k1, v1) in zip(cache, ctx.cache)]
-        return logp, new
+        for (kb, vb), (k1, v1) in zip(bufs, ctx.cache):
+            kb[:, :, L : L + 1] = k1
+            vb[:, :, L : L + 1] = v1
+        return logp, {"bufs": bufs, "len": L + 1}
 
 
 @torch.no_grad()
@@ -203,7 +214,7 @@ def _roll(predictor, x: Tensor, u: Tensor, roller) -> tuple[Tensor, Tensor]:
     H = u.shape[0]
     drawn = []
     if roller is not None:
-        logp, kv = roller.start(x)
+        logp, kv = roller.start(x, H)
         for h in range(H):
             y = _draw(logp, u[h])
             drawn.append(y)
@@ -224,7 +235,7 @@ def _check_cached(roller, predictor, x: Tensor, u: Tensor):
     """The cached path's first step against a plain pass; ``None`` (with a warning) if they
     disagree or the cached path fails (e.g. the model's internals changed)."""
     try:
-        logp, kv = roller.start(x)
+        logp, kv = roller.start(x, 1)
         y = _draw(logp, u)
         got, _ = roller.step(kv, y)
         want = _next_logp(predictor, torch.cat([x, y[:, None]], 1))
@@ -497,7 +508,7 @@ def posterior_figure(comparison: PosteriorComparison, contexts=(0, 1, 2), coordi
     c = comparison
     v = coordinate if coordinate is not None else c.coordinates[0]
     idx = [i for i in contexts if i < c.theta.shape[0]] or [0]
-    fig = Figure(figsize=(4.2 * len(idx), 3.4), layout="constrained")
+    fig = Figure(figsize=(4.2 * len(idx) + 1.6, 3.4), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(idx), squeeze=False)[0]
     for ax, b in zip(axes, idx):
@@ -523,12 +534,15 @@ def posterior_figure(comparison: PosteriorComparison, contexts=(0, 1, 2), coordi
         ax.axvline(theta, color="tab:red", linestyle="--", linewidth=1.2, label=f"true theta = {theta:.3f}")
         lo, hi = central_interval(c.draws[:, b, v], 0.9)
         elo, ehi = central_interval(c.atoms[b, v], 0.9, c.pmf[b, v])
-        ymax = ax.get_ylim()[1]
-        ax.hlines([0.97 * ymax], float(lo), float(hi), color="tab:blue", linewidth=3, label="predictor 90%")
-        ax.hlines([0.92 * ymax], float(elo), float(ehi), color="k", linewidth=3, label="exact 90%")
+        top = ax.get_ylim()[1] * 1.3  # headroom for the interval bars
+        ax.set_ylim(0, top)
+        ax.hlines([0.95 * top], float(lo), float(hi), color="tab:blue", linewidth=3, label="predictor 90%")
+        ax.hlines([0.88 * top], float(elo), float(ehi), color="k", linewidth=3, label="exact 90%")
         ax.set_xlabel(f"p_(n+H), coordinate {v}")
         ax.set_title(f"context {b}: W1 = {float(c.w1[b, v]):.4f}", fontsize="medium")
         ax.set_xlim(0, 1)
-    axes[0].legend(fontsize="x-small", loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    labels = [lb if not lb.startswith("true theta") else "true theta" for lb in labels]
+    fig.legend(handles, labels, loc="outside right upper", fontsize="x-small")
     fig.suptitle(title or f"{c.task}: law of p_(n+H), n={c.n}, H={c.horizon}")
     return fig
