@@ -25,3 +25,10 @@ def test_compare_conditions_tiny(capsys):
     assert list(rows)[-1] == "exact Bayes" and len(rows) == 3
     assert rows["exact Bayes"]["bayes_gap_bits"] < 1e-9
     assert "bayes gap" in capsys.readouterr().out
+
+
+def test_bench_scale_tiny(capsys):
+    out = load("bench_scale").main(["--tiny"])
+    assert set(out["throughput"]) == {"1 process", "DDP 2 processes (ddp_spawn, gloo)"}
+    assert all(r > 0 for r in out["throughput"].values()) and out["save_ms"] > 0
+    assert "x 1 process" in capsys.readouterr().out
