@@ -67,7 +67,8 @@ def main(argv=None) -> dict:
 
         objs = build(cfg)
         trainer = pl.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             limit_val_batches=0, callbacks=[timer], plugins=[AtomicCheckpointIO()])
+                             limit_val_batches=0, callbacks=[timer], plugins=[AtomicCheckpointIO()],
+                             enable_checkpointing=False)
         trainer.fit(objs["module"], datamodule=objs["datamodule"])
         saves = []
         for i in range(5):
