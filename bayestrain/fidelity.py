@@ -297,7 +297,6 @@ def fidelity_report(
         md.append("The predictor has no attention read-outs (`model(x, return_attn='weights')`).")
     md += ["", "## Reliability", "", f"![reliability]({files['reliability']})"]
     if posterior is not None:
-        s = posterior.summary()
         md += ["", "## Posterior by predictive resampling", "", "```", posterior.table(), "```", "",
                f"![posterior]({files['posterior']})"]
     (out / "report.md").write_text("\n".join(md) + "\n")

@@ -257,7 +257,8 @@ def main(argv=None) -> dict:
     if args.write_docs:
         cmd = "python scripts/bench_fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
         date = datetime.date.today().isoformat()
-        text = "\n".join([f"## Bayes fidelity (`scripts/bench_fidelity.py`)", "",
+        heading = f"## Bayes fidelity: {', '.join(args.tasks)}, {args.steps} steps (`scripts/bench_fidelity.py`)"
+        text = "\n".join([heading, "",
                           f"Command: `{cmd.strip()}`  ", f"Date: {date}; torch {torch.__version__}, "
                           f"{torch.get_num_threads()} CPU threads.", "", title + ".", "", tab, "",
                           *[f"- {g}" for g in goal_lines]])

@@ -15,7 +15,9 @@ bookkeeping); the first ``--skip`` steps of every round are dropped (optimizer-s
 and warm-up), and before each round the cyclic garbage collector is run and frozen, so one
 configuration's steps do not pay for scanning the objects the harness keeps for the others.  The table reports the median over all kept steps, and each configuration's
 ratio to its unconstrained baseline (``none`` for the causal default model; ``set: none``
-for the set-layout model that carries the reversibility projection).
+for the set-layout model that carries the reversibility projection) as the median over rounds
+of the ratio of the two round medians (paired: the two ran seconds apart, under the same
+machine load).
 
 ``plain loop`` trains a copy of the ``none`` model on the same batches with the same
 optimizer, loss and gradient clipping, without Lightning; ``none`` over ``plain loop`` is the
@@ -114,6 +116,7 @@ class LightningRunner:
         self.objs = build(self.cfg)
         self.module = self.objs["module"]
         self.times: list[float] = []
+        self.round_medians: list[float] = []
 
     def round(self, batches: list[torch.Tensor], skip: int) -> None:
         from hydra.utils import instantiate
@@ -127,7 +130,10 @@ class LightningRunner:
         )
         trainer.fit(self.module, train_dataloaders=DataLoader(batches, batch_size=None))
         starts = clock.starts + [clock.last_end]
-        self.times += [b - a for a, b in zip(starts[:-1], starts[1:])][skip:]
+        kept = [b - a for a, b in zip(starts[:-1], starts[1:])][skip:]
+        self.times += kept
+        if kept:
+            self.round_medians.append(statistics.median(kept))
 
 
 class PlainRunner:
@@ -141,6 +147,7 @@ class PlainRunner:
         self.opt = module.optimizer_factory(self.model.parameters())
         self.clip = reference.cfg.trainer.get("gradient_clip_val") or None
         self.times: list[float] = []
+        self.round_medians: list[float] = []
 
     def round(self, batches: list[torch.Tensor], skip: int) -> None:
         self.model.train()
@@ -156,7 +163,10 @@ class PlainRunner:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         starts.append(time.perf_counter())
-        self.times += [b - a for a, b in zip(starts[:-1], starts[1:])][skip:]
+        kept = [b - a for a, b in zip(starts[:-1], starts[1:])][skip:]
+        self.times += kept
+        if kept:
+            self.round_medians.append(statistics.median(kept))
 
 
 def measure(configs, rounds: int, steps: int, skip: int, seed: int, extra: list[str], out: Path,
@@ -191,18 +201,26 @@ def measure(configs, rounds: int, steps: int, skip: int, seed: int, extra: list[
     base[PLAIN] = None
     rows = {}
     for r in runners:
-        rows[r.name] = {"ms": 1e3 * statistics.median(r.times), "n": len(r.times),
+        rows[r.name] = {"ms": 1e3 * statistics.median(r.times), "n": len(r.times), "rounds": r.round_medians,
                         "baseline": base[r.name], "overrides": " ".join(r.overrides)}
+
+    def paired(name: str, ref: str) -> float:
+        """Median over rounds of the ratio of round medians: each configuration is compared
+        with its baseline timed seconds apart, under the same machine load."""
+        a, b = rows[name]["rounds"], rows[ref]["rounds"]
+        return statistics.median(x / y for x, y in zip(a, b))
+
     for name, row in rows.items():
         ref = row["baseline"]
-        row["ratio"] = row["ms"] / rows[ref]["ms"] if ref else None
+        row["ratio"] = paired(name, ref) if ref else None
     if "none" in rows and PLAIN in rows:
-        rows["none"]["ratio_vs_plain"] = rows["none"]["ms"] / rows[PLAIN]["ms"]
+        rows["none"]["ratio_vs_plain"] = paired("none", PLAIN)
     return rows
 
 
 def table(rows: dict[str, dict], title: str) -> str:
-    lines = [title, "", "| configuration | ms/step (median) | ratio | vs | steps timed |", "|---|---:|---:|---|---:|"]
+    lines = [title, "", "| configuration | ms/step (median) | ratio (paired median) | vs | steps timed |",
+             "|---|---:|---:|---|---:|"]
     for name, r in rows.items():
         if r.get("ratio_vs_plain") is not None:
             ratio, vs = f"{r['ratio_vs_plain']:.3f}", PLAIN
@@ -245,7 +263,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=10, help="steps per configuration per round")
     ap.add_argument("--skip", type=int, default=2, help="steps dropped at the start of every round")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", nargs="*", default=None, help="configuration names to run (default: all)")
+    ap.add_argument("--only", action="append", default=None, metavar="NAME",
+                    help="a configuration to run (repeatable; 'none' and the baselines always run; default: all)")
     ap.add_argument("--no-freeze-gc", action="store_true", help="do not gc.collect()+gc.freeze() before each round")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--tiny", action="store_true", help="tiny model and data, one round of 4 steps (smoke test)")

@@ -49,7 +49,7 @@ def test_bench_overhead_tiny_prints_its_table(capsys):
     rows = bench.main(["--tiny", "--only", "set: projection (reversibility)"])  # its baseline comes along
     names = ["none", "set: none", "set: projection (reversibility)"]  # every condition trains in test_train.py
     out = capsys.readouterr().out
-    assert "| configuration | ms/step (median) | ratio | vs |" in out
+    assert "| configuration | ms/step (median) | ratio (paired median) | vs |" in out
     for name in names:
         assert f"| {name} |" in out, name
         assert rows[name]["ms"] > 0
