@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from bayestrain.conditions import Condition, ConditionInput, PriorConsistency, Reversibility, ViolationState
 from bayestrain.metrics import CalibrationMetrics
+from bayestrain.module import ConditionedModule
 
 __all__ = ["TextClassifierModule", "fit_temperature"]
 
@@ -121,7 +122,7 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 200) -> floa
     return float(log_t.detach().exp())
 
 
-class TextClassifierModule(pl.LightningModule):
+class TextClassifierModule(ConditionedModule):
     """Fine-tunes a sequence classifier under the block-level conditions.
 
     Args:
@@ -131,8 +132,8 @@ class TextClassifierModule(pl.LightningModule):
         conditions: ``{name: Condition}``; ``reversibility`` in ``projection`` mode ties the
             encoder's W_Q and W_K (``bayestrain.hf.tie_qk_``) after every real optimizer step.
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
-        warmup_steps, lr_schedule: linear warm-up, then ``linear`` decay to 0 over the run or
-            ``constant``.
+        scheduler: optional ``(optimizer, total_steps) -> LRScheduler`` stepped every optimizer
+            step (``bayestrain.schedules.warmup_decay``, a Hydra ``_partial_``).
         temperature_scaling: fit ``T`` on the validation split after training and use it.
         monitor_block_conditions: also measure prior consistency and reversibility at
             validation/test when they are not configured.
@@ -140,27 +141,18 @@ class TextClassifierModule(pl.LightningModule):
     """
 
     def __init__(self, model: nn.Module, task=None, conditions: dict[str, Condition] | None = None,
-                 optimizer: Callable | None = None, seed: int = 0, n_bins: int = 15, warmup_steps: int = 0,
-                 lr_schedule: str = "linear", temperature_scaling: bool = False,
+                 optimizer: Callable | None = None, scheduler: Callable | None = None, seed: int = 0,
+                 n_bins: int = 15, temperature_scaling: bool = False,
                  monitor_block_conditions: bool = True, name: str | None = None):
         super().__init__()
-        if lr_schedule not in ("linear", "constant"):
-            raise ValueError(f"lr_schedule={lr_schedule!r} must be 'linear' or 'constant'")
         self.model, self.task = model, task
-        self.conditions: dict[str, Condition] = dict(conditions or {})
+        self._setup_conditions(conditions, optimizer, scheduler, default_lr=5e-5)
         for cond in self.conditions.values():
-            if not isinstance(cond, Condition):
-                raise TypeError(f"conditions must be Condition objects, got {type(cond).__name__}")
             self._check(cond)
-        self.optimizer_factory = optimizer or (lambda p: torch.optim.AdamW(p, lr=5e-5))
-        self.seed, self.warmup_steps, self.lr_schedule = seed, int(warmup_steps), lr_schedule
+        self.seed = seed
         self.temperature_scaling = bool(temperature_scaling)
-        for cname, cond in self.conditions.items():
-            if cond.mode == "lagrangian":
-                self.register_buffer(f"lambda_{cname}", torch.zeros((), dtype=torch.float64))
         self.register_buffer("log_temperature", torch.zeros((), dtype=torch.float64))
         self.register_buffer("temperature_fitted", torch.zeros((), dtype=torch.bool))
-        self._pending: dict[str, list[Tensor]] = {}
         self._train_kind = _needs(self.conditions.values(), training=True)
 
         causal = getattr(model, "layout", "bidirectional") == "causal"
@@ -195,8 +187,16 @@ class TextClassifierModule(pl.LightningModule):
         active = [f"{n}: {c.mode}" for n, c in self.conditions.items() if c.mode != "measure"]
         return "constrained (" + ", ".join(active) + ")" if active else "unconstrained"
 
-    def multiplier(self, name: str) -> Tensor:
-        return getattr(self, f"lambda_{name}")
+    def violation(self, cond: Condition, inp: ConditionInput) -> ViolationState:
+        return _violation(cond, inp, training=True)
+
+    def project_(self, cond: Condition) -> None:
+        if isinstance(cond, Reversibility):  # a Hugging Face encoder: tie its own q/k projections
+            from bayestrain.hf import tie_qk_
+
+            tie_qk_(getattr(self.model, "encoder", self.model))
+        else:
+            cond.project_(self.model)
 
     @property
     def temperature(self) -> float:
@@ -222,73 +222,13 @@ class TextClassifierModule(pl.LightningModule):
         labels = batch["labels"]
         loss_task = F.cross_entropy(logits.float(), labels)
         inp = ConditionInput(self.model, batch["input_ids"], attn=trace)
-        total = loss_task
-        for name, cond in self.conditions.items():
-            if cond.mode == "measure":
-                with torch.no_grad():
-                    state = _violation(cond, inp, training=True)
-            else:
-                state = _violation(cond, inp, training=True)
-            if cond.mode == "penalty":
-                total = total + cond.weight_at(self.global_step) * state.violation
-            elif cond.mode == "lagrangian":
-                lam = self.multiplier(name)
-                total = total + lam.to(state.violation.dtype) * state.violation
-                self._pending.setdefault(name, []).append(state.violation.detach())
-                self.log(f"train/lambda/{name}", lam.float(), on_step=True)
-            self.log(f"train/violation/{name}", state.value.float(), on_step=True, on_epoch=True)
-            for key, val in state.extras.items():
-                self.log(f"train/{key}/{name}", val.float(), on_step=True)
         bs = labels.shape[0]
+        total = loss_task + self.condition_terms(inp, self.conditions, batch_size=bs)
+        if self._log_due():
+            self._log_lr()
         self.log("train/loss_task", loss_task, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self.log("train/loss_total", total, on_step=True, on_epoch=True, batch_size=bs)
         return total
-
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        scale = scaler.get_scale() if scaler is not None else None
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if scaler is not None and scaler.get_scale() < scale:  # AMP skipped the update
-            self._pending.clear()
-            return
-        self.after_optimizer_step()
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Dual ascent and projections after every real optimizer update."""
-        for name, cond in self.conditions.items():
-            if cond.mode == "lagrangian" and self._pending.get(name):
-                v = torch.stack(self._pending[name]).mean().double()
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(v)
-                    v = v / torch.distributed.get_world_size()
-                lam = self.multiplier(name)
-                lam.copy_((lam + cond.dual_lr * (v - cond.eps)).clamp_min(0.0))
-            elif cond.mode == "projection":
-                if isinstance(cond, Reversibility):
-                    from bayestrain.hf import tie_qk_
-
-                    tie_qk_(getattr(self.model, "encoder", self.model))
-                else:
-                    cond.project_(self.model)
-        self._pending.clear()
-
-    def configure_optimizers(self):
-        opt = self.optimizer_factory(self.model.parameters())
-        if self.warmup_steps <= 0 and self.lr_schedule == "constant":
-            return opt
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        warm = self.warmup_steps
-
-        def factor(step: int) -> float:
-            if warm and step < warm:
-                return (step + 1) / warm
-            if self.lr_schedule == "constant":
-                return 1.0
-            return max(0.0, (total - step) / max(1, total - warm))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- evaluation ------------------------------------------------------------------
     def _eval_step(self, batch: dict, ev: ClassifierEvaluator, temperature=None) -> None:

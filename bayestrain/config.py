@@ -56,6 +56,7 @@ class TrainSchema:
     condition: Any = None
     module: Any = None
     optimizer: Any = None
+    scheduler: Any = None
     trainer: Any = None
     logger: Any = None
     callbacks: Any = None

@@ -123,7 +123,7 @@ def test_temperature_scaling_recovers_the_temperature():
 MINI = [
     "data.limit_train=8", "data.limit_eval=8", "data.batch_size=4", "data.eval_batch_size=8",
     "data.max_length=16", "trainer.max_epochs=1", "callbacks.progress=null", "logger=csv",
-    "module.warmup_steps=1",
+    "scheduler.warmup_steps=1",
 ]
 METRICS = ["val/nll", "val/ece", "val/mce", "val/brier", "val/acc", "val/violation/prior_consistency",
            "val/violation/reversibility", "train/loss_task_epoch", "train/loss_total_epoch"]

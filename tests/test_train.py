@@ -29,7 +29,7 @@ def make_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train"):
     return compose_config(overrides, tmp_path, config_name)
 
 
-@pytest.mark.parametrize("group", ["task", "model", "condition", "module", "optimizer", "data", "trainer", "logger", "callbacks"])
+@pytest.mark.parametrize("group", ["task", "model", "condition", "module", "optimizer", "scheduler", "data", "trainer", "logger", "callbacks"])
 def test_every_group_option_composes_and_instantiates(tmp_path, group):
     csv_file = tmp_path / "tiny.csv"
     csv_file.write_text("text,label\n" + "".join(f"text number {i},{'ab'[i % 2]}\n" for i in range(20)))
