@@ -154,7 +154,7 @@ def martingale_violation(
 class _SequenceCondition(Condition):
     """Sequence-level: needs an exchangeable task (i.i.d. data given the parameter)."""
 
-    def __init__(self, *, train_subset: int | None = 16, **kw):
+    def __init__(self, *, train_subset: int | None = 8, **kw):
         super().__init__(**kw)
         if train_subset is not None and train_subset < 1:
             raise ValueError(f"{self.name}: train_subset must be >= 1 or null (whole batch), got {train_subset}")
