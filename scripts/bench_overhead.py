@@ -20,7 +20,7 @@ of the ratio of the two round medians (paired: the two ran seconds apart, under 
 machine load).
 
 ``plain loop`` trains a copy of the ``none`` model on the same batches with the same
-optimizer, loss and gradient clipping, without Lightning; ``none`` over ``plain loop`` is the
+optimizer, schedule, loss and gradient clipping, without Lightning; ``none`` over ``plain loop`` is the
 Lightning module's overhead.  Progress bar, checkpointing, validation and loggers are off
 (the logger backend's cost is not the module's); everything else is the training default
 (``log_every_n_steps``, ``gradient_clip_val``, precision).  Projection-mode conditions log their
@@ -137,7 +137,8 @@ class LightningRunner:
 
 
 class PlainRunner:
-    """The same model trained by a plain loop: forward, NLL, backward, clip, step."""
+    """The same model trained by a plain loop: forward, NLL, backward, clip, step (and the same
+    learning-rate schedule, stepped every step as Lightning does)."""
 
     def __init__(self, reference: LightningRunner):
         self.name = PLAIN
@@ -145,6 +146,8 @@ class PlainRunner:
         module = reference.module
         self.model = copy.deepcopy(module.model)
         self.opt = module.optimizer_factory(self.model.parameters())
+        factory = module.scheduler_factory
+        self.sched = factory(self.opt, total_steps=10**6) if factory is not None else None
         self.clip = reference.cfg.trainer.get("gradient_clip_val") or None
         self.times: list[float] = []
         self.round_medians: list[float] = []
@@ -162,6 +165,8 @@ class PlainRunner:
                 torch.nn.utils.clip_grad_norm_(params, self.clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            if self.sched is not None:
+                self.sched.step()
         starts.append(time.perf_counter())
         kept = [b - a for a, b in zip(starts[:-1], starts[1:])][skip:]
         self.times += kept

@@ -57,7 +57,28 @@ def test_bench_overhead_tiny_prints_its_table(capsys):
     assert rows["set: projection (reversibility)"]["baseline"] == "set: none"
 
 
-@pytest.mark.parametrize("script", ["bench_fidelity", "bench_overhead"])
+def test_bench_posterior_tiny_prints_its_table_with_goal_checks(tmp_path, capsys):
+    bench = load("bench_posterior")
+    docs = tmp_path / "results.md"
+    rows = bench.main(["--tiny", "--write-docs", "--docs", str(docs)])  # trains coin none/sequence first
+    out = capsys.readouterr().out
+    assert "| task | run | seeds | W1 mean coord | W1 worst coord |" in out
+    assert set(rows) == {("coin", "none"), ("coin", "sequence")}
+    for r in rows.values():
+        assert 0 < r["w1"] <= r["w1_max_coord"] and 0 <= r["coverage90"] <= 1 and 0 <= r["coverage90_exact"] <= 1
+    # goal lines for the constrained run only, each either met or MISSED
+    goal_lines = [ln for ln in out.splitlines() if ln.startswith(("met", "MISSED"))]
+    assert len(goal_lines) == 2 and all("coin/sequence" in ln for ln in goal_lines)
+    assert "<!-- posterior:start -->" in docs.read_text()
+
+
+def test_bench_posterior_refuses_a_folder_without_runs(tmp_path):
+    bench = load("bench_posterior")
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path)])
+
+
+@pytest.mark.parametrize("script", ["bench_fidelity", "bench_overhead", "bench_posterior"])
 def test_scripts_have_a_tiny_mode(script):
     assert "--tiny" in (SCRIPTS / f"{script}.py").read_text()
 
