@@ -26,10 +26,27 @@ from bayestrain.checkpoint import load_checkpoint
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
+def _upgrade_config(cfg):
+    """Configs saved before the ``scheduler`` group kept the classifier's schedule in
+    ``module.warmup_steps`` / ``module.lr_schedule``: move them to the equivalent scheduler node
+    (evaluation never steps it, but the module must build)."""
+    module = cfg.get("module") or {}
+    if "warmup_steps" in module or "lr_schedule" in module:
+        from omegaconf import open_dict
+
+        with open_dict(cfg):
+            warmup = int(module.pop("warmup_steps", 0) or 0)
+            decay = str(module.pop("lr_schedule", "linear"))
+            if cfg.get("scheduler") is None:
+                cfg.scheduler = {"_target_": "bayestrain.schedules.warmup_decay", "_partial_": True,
+                                 "warmup_steps": warmup, "decay": decay, "final_ratio": 1.0 if decay == "constant" else 0.0}
+    return cfg
+
+
 def module_from_checkpoint(ckpt: dict):
     from bayestrain.train import build
 
-    cfg = OmegaConf.create(ckpt["bayestrain_config"])
+    cfg = _upgrade_config(OmegaConf.create(ckpt["bayestrain_config"]))
     objs = build(cfg)
     module = objs["module"]
     module.load_state_dict(ckpt["state_dict"])

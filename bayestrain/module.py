@@ -181,6 +181,16 @@ class ConditionedModule(pl.LightningModule):
         sched = self.scheduler_factory(opt, total_steps=self.trainer.estimated_stepping_batches)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming: Lightning restores the schedule from checkpoint["lr_schedulers"]; a checkpoint
+        # written without one would silently restart it (warm-up included) in the middle of the run
+        if self.scheduler_factory is not None and "optimizer_states" in checkpoint and not checkpoint.get("lr_schedulers"):
+            raise ValueError(
+                f"this checkpoint (global_step {checkpoint.get('global_step')}) was saved by a run without a "
+                "learning-rate scheduler, so resuming it under one would restart the schedule at step 0; "
+                "resume with scheduler=none (the run's own setting), or start a new run"
+            )
+
 
 class BayesLitModule(ConditionedModule):
     """Trains a predictor under Bayes conditions.
@@ -312,6 +322,7 @@ class BayesLitModule(ConditionedModule):
         checkpoint["bayestrain_rng"] = {"torch": torch.get_rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if "bayestrain_rng" in checkpoint:
             torch.set_rng_state(checkpoint["bayestrain_rng"]["torch"])
 

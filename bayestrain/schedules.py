@@ -7,6 +7,7 @@ the optimizer and the run's total number of optimizer steps (Lightning's
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -20,10 +21,23 @@ def warmup_decay(optimizer: torch.optim.Optimizer, total_steps: float, warmup_st
     ``linear``) or stays at 1 (``constant``)."""
     if decay not in DECAYS:
         raise ValueError(f"scheduler decay={decay!r} is not one of {list(DECAYS)}")
-    if warmup_steps < 0 or not 1 <= total_steps < math.inf:
+    if warmup_steps < 0:
+        raise ValueError(f"scheduler warmup_steps={warmup_steps} must be >= 0 (0: no warm-up)")
+    if total_steps == math.inf:
         raise ValueError(
-            f"scheduler: need warmup_steps >= 0 and total_steps >= 1, got warmup_steps={warmup_steps}, "
-            f"total_steps={total_steps}; set trainer.max_steps (or max_epochs) to a finite value"
+            "scheduler: the run has no finite length (trainer.max_steps=-1 and max_epochs=-1), so a "
+            "decaying schedule has no end; set trainer.max_steps (or max_epochs), or use scheduler=constant"
+        )
+    if total_steps < 1:
+        raise ValueError(
+            f"scheduler: total_steps={total_steps}, so the run has no optimizer step to schedule; check "
+            "trainer.max_steps, limit_train_batches and the training data"
+        )
+    if warmup_steps >= total_steps:
+        warnings.warn(
+            f"scheduler warmup_steps={warmup_steps} >= the run's {int(total_steps)} optimizer steps: the "
+            "learning rate never reaches its configured value; lower scheduler.warmup_steps",
+            stacklevel=2,
         )
     if not 0.0 <= final_ratio <= 1.0:
         raise ValueError(f"scheduler final_ratio={final_ratio} must be in [0, 1] (a fraction of the base lr)")

@@ -63,7 +63,7 @@ def build(cfg: DictConfig) -> dict:
             raise ValueError(f"condition.{name} must be a config with a _target_, got {node!r}")
         conditions[name] = instantiate(node)
     datamodule = instantiate(cfg.data, **({"task": task} if task is not None else {}))
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") is not None else None
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None  # scheduler=none: {}
     module = instantiate(cfg.module, model=model, task=task, conditions=conditions,
                          optimizer=instantiate(cfg.optimizer), scheduler=scheduler, seed=cfg.seed)
     return {"task": task, "model": model, "conditions": conditions, "datamodule": datamodule, "module": module}

@@ -20,7 +20,7 @@ of the ratio of the two round medians (paired: the two ran seconds apart, under 
 machine load).
 
 ``plain loop`` trains a copy of the ``none`` model on the same batches with the same
-optimizer, schedule, loss and gradient clipping, without Lightning; ``none`` over ``plain loop`` is the
+optimizer, kind of schedule, loss and gradient clipping, without Lightning; ``none`` over ``plain loop`` is the
 Lightning module's overhead.  Progress bar, checkpointing, validation and loggers are off
 (the logger backend's cost is not the module's); everything else is the training default
 (``log_every_n_steps``, ``gradient_clip_val``, precision).  Projection-mode conditions log their
@@ -137,8 +137,9 @@ class LightningRunner:
 
 
 class PlainRunner:
-    """The same model trained by a plain loop: forward, NLL, backward, clip, step (and the same
-    learning-rate schedule, stepped every step as Lightning does)."""
+    """The same model trained by a plain loop: forward, NLL, backward, clip, step, and a
+    scheduler of the same kind stepped every step as Lightning does (its values do not matter
+    for the timing; one long schedule serves all rounds)."""
 
     def __init__(self, reference: LightningRunner):
         self.name = PLAIN

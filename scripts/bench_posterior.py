@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="few contexts and rolls; trains a tiny run if no folder")
     ap.add_argument("--write-docs", action="store_true", help=f"update the posterior section of {DOCS}")
     ap.add_argument("--docs", type=Path, default=DOCS, help=argparse.SUPPRESS)
-    ap.add_argument("--docs-key", default="posterior", help="the docs section to replace")
+    ap.add_argument("--docs-key", default="bench_posterior", help="the docs section to replace")
     args = ap.parse_args(argv)
     import torch
 

@@ -69,7 +69,7 @@ def test_bench_posterior_tiny_prints_its_table_with_goal_checks(tmp_path, capsys
     # goal lines for the constrained run only, each either met or MISSED
     goal_lines = [ln for ln in out.splitlines() if ln.startswith(("met", "MISSED"))]
     assert len(goal_lines) == 2 and all("coin/sequence" in ln for ln in goal_lines)
-    assert "<!-- posterior:start -->" in docs.read_text()
+    assert "<!-- bench_posterior:start -->" in docs.read_text()
 
 
 def test_bench_posterior_refuses_a_folder_without_runs(tmp_path):

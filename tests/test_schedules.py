@@ -41,12 +41,19 @@ def test_linear_and_constant():
     (dict(total_steps=10, decay="step"), "decay='step'"),
     (dict(total_steps=10, final_ratio=1.5), "final_ratio=1.5"),
     (dict(total_steps=10, warmup_steps=-1), "warmup_steps=-1"),
-    (dict(total_steps=math.inf), "trainer.max_steps"),  # max_steps=-1 and max_epochs=-1
+    (dict(total_steps=math.inf), "scheduler=constant"),  # max_steps=-1 and max_epochs=-1
+    (dict(total_steps=0), "limit_train_batches"),
 ])
 def test_bad_settings_are_refused_by_name(kw, needle):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
         warmup_decay(opt, **kw)
+
+
+def test_a_warmup_longer_than_the_run_is_flagged():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.warns(UserWarning, match="warmup_steps=50"):
+        warmup_decay(opt, total_steps=8, warmup_steps=50)
 
 
 def test_training_run_ends_at_the_final_learning_rate(tmp_path):

@@ -110,11 +110,38 @@ def test_resume_continues_from_the_same_step(tmp_path):
     train(second)
     resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 6
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 6  # the schedule resumed where it stopped
     import csv
 
     rows = list(csv.DictReader(open(next((tmp_path / "b" / "csv").rglob("metrics.csv")))))
     steps = sorted({int(r["step"]) for r in rows if r.get("train/loss_task_step")})
     assert steps and min(steps) >= 4, steps  # no step was trained twice
+
+
+def test_resuming_without_saved_schedule_under_one_is_refused(tmp_path):
+    first = make_cfg(tmp_path / "a", TINY + ["logger=none", "summary=false", "scheduler=none"])
+    train(first)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert not torch.load(ckpt, weights_only=True).get("lr_schedulers")
+    second = make_cfg(tmp_path / "b", TINY + ["logger=none", "summary=false", "trainer.max_steps=6", f"ckpt_path={ckpt}"])
+    with pytest.raises(ValueError, match="scheduler=none"):
+        train(second)
+    same = make_cfg(tmp_path / "c", TINY + ["logger=none", "summary=false", "trainer.max_steps=6", "scheduler=none",
+                                           f"ckpt_path={ckpt}"])
+    train(same)  # the run's own setting resumes
+
+
+def test_configs_saved_before_the_scheduler_group_still_build():
+    from omegaconf import OmegaConf
+
+    from bayestrain.evaluate import _upgrade_config
+
+    cfg = _upgrade_config(OmegaConf.create({"module": {"_target_": "x", "warmup_steps": 20, "lr_schedule": "linear"}}))
+    assert "warmup_steps" not in cfg.module and "lr_schedule" not in cfg.module
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = instantiate(cfg.scheduler)(opt, total_steps=100)
+    f = sched.lr_lambdas[0]
+    assert f(0) == pytest.approx(1 / 20) and f(60) == pytest.approx(0.5)  # linear warm-up, then linear decay
 
 
 def test_vocabulary_mismatch_is_refused(tmp_path):
