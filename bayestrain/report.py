@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -38,3 +39,18 @@ def _fmt(v) -> str:
         return "-"
     v = float(v)
     return f"{v:.2e}" if v != 0 and abs(v) < 1e-3 else f"{v:.4f}"
+
+
+def update_docs(path: Path, key: str, text: str) -> None:
+    """Replace (or append) the section of a Markdown file between ``<!-- key:start -->`` and
+    ``<!-- key:end -->``: a benchmark's ``--write-docs`` rewrites its own section only."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    body = path.read_text() if path.exists() else "# Results\n"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in body and end in body:
+        before, rest = body.split(start, 1)
+        body = before + block + rest.split(end, 1)[1]
+    else:
+        body = body.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(body)

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bayestrain.report import update_docs
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 DOCS = ROOT / "docs" / "results.md"
@@ -166,20 +168,6 @@ def goals(results: dict, steps: int) -> list[str]:
                 out.append(f"{'met ' if ratio >= 10 else 'MISSED'}  dirichlet/{name}: {k} {fmt(a[k])} -> {fmt(b[k])} "
                            f"({ratio:.1f} x lower; goal >= 10 x)")
     return out
-
-
-def update_docs(path: Path, key: str, text: str) -> None:
-    """Replace (or append) the section between ``<!-- key:start -->`` and ``<!-- key:end -->``."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    body = path.read_text() if path.exists() else "# Results\n"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in body and end in body:
-        before, rest = body.split(start, 1)
-        body = before + block + rest.split(end, 1)[1]
-    else:
-        body = body.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(body)
 
 
 def main(argv=None) -> dict:

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from bayestrain.report import update_docs
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
@@ -247,20 +249,6 @@ def goals(rows: dict[str, dict]) -> list[str]:
             v = rows[name][key]
             out.append(f"{'met ' if v <= limit else 'MISSED'}  {name}: {v:.3f} x (goal <= {limit} x)")
     return out
-
-
-def update_docs(path: Path, key: str, text: str) -> None:
-    """Replace (or append) the section between ``<!-- key:start -->`` and ``<!-- key:end -->``."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    body = path.read_text() if path.exists() else "# Results\n"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in body and end in body:
-        before, rest = body.split(start, 1)
-        body = before + block + rest.split(end, 1)[1]
-    else:
-        body = body.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(body)
 
 
 def main(argv=None) -> dict:

@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bayestrain.report import update_docs
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "results.md"
 W1_GOAL, COVER_GOAL = 0.01, 0.02
@@ -75,18 +77,6 @@ def goals(rows: dict[tuple[str, str], dict]) -> list[str]:
         out.append(f"{'met   ' if cov_ok else 'MISSED'}  {task}/{run}: 90% coverage {r['coverage90']:.3f} vs exact "
                    f"{r['coverage90_exact']:.3f} ({100 * gap:.1f} points; goal <= {100 * COVER_GOAL:.0f})")
     return out
-
-
-def update_docs(path: Path, key: str, text: str) -> None:
-    """Replace (or append) the section between ``<!-- key:start -->`` and ``<!-- key:end -->``."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    doc = path.read_text() if path.exists() else "# Results\n"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.write_text(doc)
 
 
 def main(argv: list[str] | None = None) -> dict:
