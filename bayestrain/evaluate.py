@@ -139,7 +139,7 @@ def evaluate_posterior(ckpt_path: str, n: int = 8, horizon: int | None = None, n
     out_dir = Path(output_dir)
     save_figure(posterior_figure(cmp, title=f"{Path(ckpt_path).name}: law of p_(n+H), n={n}, H={horizon}"),
                 out_dir / "posterior.png")
-    summary = {"n": n, "horizon": horizon, "num_samples": num_samples, "num_contexts": num_contexts,
+    summary = {"n": n, "horizon": horizon, "num_samples": num_samples, "num_contexts": num_contexts, "seed": seed,
                "reference": "exact Polya urn" if cmp.exact else "exact predictor, resampled", **cmp.summary()}
     (out_dir / "posterior_metrics.json").write_text(json.dumps(summary, indent=2))
     print(f"written: {out_dir / 'posterior_metrics.json'}, {out_dir / 'posterior.png'}")

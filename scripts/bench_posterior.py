@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import re
 import statistics
 import sys
@@ -43,6 +44,16 @@ def find_runs(folder: Path, tasks: list[str] | None) -> dict[tuple[str, str], li
             continue
         found.setdefault((m["task"], m["run"]), []).append((int(m["seed"]), ckpt))
     return found
+
+
+def reused(path: Path, args) -> dict | None:
+    """A run's earlier ``posterior_metrics.json`` when it was computed with these settings."""
+    if not path.is_file():
+        return None
+    s = json.loads(path.read_text())
+    same = (s.get("n") == args.n and s.get("num_samples") == args.samples and s.get("num_contexts") == args.contexts
+            and s.get("seed") == args.seed and (args.horizon is None or s.get("horizon") == args.horizon))
+    return s if same else None
 
 
 def fmt(v: float) -> str:
@@ -89,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--contexts", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0, help="draws the contexts and the rolls")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse a run's posterior/posterior_metrics.json computed with the same settings")
     ap.add_argument("--tiny", action="store_true", help="few contexts and rolls; trains a tiny run if no folder")
     ap.add_argument("--write-docs", action="store_true", help=f"update the posterior section of {DOCS}")
     ap.add_argument("--docs", type=Path, default=DOCS, help=argparse.SUPPRESS)
@@ -125,10 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[{task}/{run} seed {seed}] {ckpt}", file=sys.stderr, flush=True)
                 out = ckpt.parent.parent / "posterior"
                 out.mkdir(exist_ok=True)
-                cmp = evaluate_posterior(str(ckpt), n=args.n, horizon=args.horizon, num_samples=args.samples,
-                                         num_contexts=args.contexts, output_dir=out, seed=args.seed, device="cpu")
-                horizons.add(cmp.horizon)
-                per_seed.append(cmp.summary())
+                summary = reused(out / "posterior_metrics.json", args) if args.reuse else None
+                if summary is None:
+                    evaluate_posterior(str(ckpt), n=args.n, horizon=args.horizon, num_samples=args.samples,
+                                       num_contexts=args.contexts, output_dir=out, seed=args.seed, device="cpu")
+                    summary = json.loads((out / "posterior_metrics.json").read_text())
+                horizons.add(summary["horizon"])
+                per_seed.append({k: v for k, v in summary.items() if isinstance(v, float)})
             keys = per_seed[0].keys()
             rows[(task, run)] = {k: statistics.median(s[k] for s in per_seed) for k in keys}
             rows[(task, run)]["seeds"] = len(per_seed)
