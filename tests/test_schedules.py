@@ -77,3 +77,21 @@ def test_training_run_ends_at_the_final_learning_rate(tmp_path):
     assert lrs[:2] == pytest.approx([0.005, 0.01])  # warm-up
     assert lrs[-1] == pytest.approx(0.01 * (0.25 + 0.75 * 0.5 * (1 + math.cos(math.pi * 3 / 4))))
     assert lrs == sorted(lrs[:2]) + sorted(lrs[2:], reverse=True)
+
+
+def test_learning_rate_is_logged(tmp_path):
+    import csv
+
+    from bayestrain.train import train
+
+    cfg = compose_config([
+        "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "logger=csv",
+        "callbacks.progress=null", "summary=false", "scheduler.warmup_steps=0", "optimizer.lr=0.01",
+        "data.batch_size=4", "data.seq_len=8", "data.val_size=8", "data.train_batches_per_epoch=6",
+        "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "condition=none",
+    ], tmp_path)
+    train(cfg)
+    rows = list(csv.DictReader(open(next((tmp_path / "csv").rglob("metrics.csv")))))
+    lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
+    assert len(lrs) == 6 and lrs[0] == pytest.approx(0.01)
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]  # cosine: falling, step by step
