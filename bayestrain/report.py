@@ -54,3 +54,17 @@ def update_docs(path: Path, key: str, text: str) -> None:
         body = body.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(body)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's per-fit banners (GPU/TPU availability, tips, 'max_steps reached'):
+    benchmark scripts fit many short runs and print their own tables."""
+    import logging
+    import warnings
+
+    import lightning.pytorch  # noqa: F401 - it sets its loggers' levels on import
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*val_check_interval.*")

@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bayestrain.report import update_docs
+from bayestrain.report import quiet_lightning, update_docs
+from bayestrain.train import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -55,24 +56,6 @@ RUNS: dict[str, list[tuple[str, list[str]]]] = {
 CONSTRAINED = {"sequence", "block"}
 TINY = ["data.batch_size=8", "data.seq_len=8", "data.val_size=16", "model.d_model=16", "model.n_layers=1",
         "model.n_heads=2"]
-
-
-def compose(overrides: list[str], out: Path):
-    """The config ``bayestrain-train`` would run with these overrides, its run folder ``out``."""
-    from bayestrain.train import compose_config
-
-    return compose_config(overrides, out)
-
-
-def quiet_lightning() -> None:
-    import logging
-    import warnings
-
-    import lightning.pytorch  # noqa: F401 - it sets its loggers' levels on import
-
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
 
 
 def gap_curve(out: Path, val_every: int) -> list[tuple[int, float]]:
@@ -97,7 +80,7 @@ def one_run(task: str, name: str, overrides: list[str], seed: int, budget: list[
             val_every: int) -> dict:
     from bayestrain.train import train
 
-    cfg = compose([f"task={task}", *overrides, *budget, f"seed={seed}"], out)
+    cfg = compose_config([f"task={task}", *overrides, *budget, f"seed={seed}"], out)
     start = time.perf_counter()
     result = train(cfg)
     secs = time.perf_counter() - start

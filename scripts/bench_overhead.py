@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from bayestrain.report import update_docs
+from bayestrain.report import quiet_lightning, update_docs
+from bayestrain.train import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -63,26 +64,6 @@ CONFIGS_BY_NAME = {c[0]: c for c in CONFIGS}
 PLAIN = "plain loop (no Lightning)"
 
 TINY = ["data.batch_size=8", "data.seq_len=8", "model.d_model=16", "model.n_layers=1", "model.n_heads=2"]
-
-
-def quiet_lightning() -> None:
-    """Silence Lightning's per-fit banners (GPU/TPU availability, tips, 'max_steps reached')."""
-    import logging
-    import warnings
-
-    import lightning.pytorch  # noqa: F401 - it sets its loggers' levels on import
-
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", message=".*val_check_interval.*")
-
-
-def compose(overrides: list[str], out: Path):
-    """The config ``bayestrain-train`` would run with these overrides, its run folder ``out``."""
-    from bayestrain.train import compose_config
-
-    return compose_config(overrides, out)
 
 
 class _StepClock:
@@ -114,7 +95,7 @@ class LightningRunner:
 
         seed_everything(seed, workers=False, verbose=False)
         self.name, self.overrides = name, overrides
-        self.cfg = compose([*overrides, "logger=none", f"seed={seed}"], out)
+        self.cfg = compose_config([*overrides, "logger=none", f"seed={seed}"], out)
         self.objs = build(self.cfg)
         self.module = self.objs["module"]
         self.times: list[float] = []
